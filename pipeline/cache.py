@@ -1,0 +1,167 @@
+"""Content-addressed artifact cache.
+
+Layout: `<root>/<stage>/<fingerprint>/` holding the stage's files and `manifest.json`. A stage writes into a
+temporary sibling folder; the manifest (with a checksum of every file) is written last and the folder is renamed
+into place, so a folder without a manifest never counts as complete. A file lock per fingerprint makes concurrent
+runs compute each artifact once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 6 * 3600
+
+
+class CacheError(RuntimeError):
+    """A corrupt or unusable cache entry."""
+
+
+def fingerprint(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Entry:
+    stage: str
+    fingerprint: str
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def is_complete(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CacheError(f"{self.stage} artifact {self.path}: unreadable manifest ({exc})") from exc
+
+    def verify(self) -> list[str]:
+        """Problems with this entry (empty when every file matches its recorded checksum)."""
+        if not self.is_complete():
+            return [f"{self.path}: no manifest"]
+        try:
+            files = self.manifest()["files"]
+        except (CacheError, KeyError) as exc:
+            return [str(exc)]
+        problems = []
+        for rel, digest in files.items():
+            target = self.path / rel
+            if not target.is_file():
+                problems.append(f"{target}: missing")
+            elif file_sha256(target) != digest:
+                problems.append(f"{target}: checksum mismatch")
+        return problems
+
+
+class ArtifactCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def entry(self, stage: str, fp: str) -> Entry:
+        return Entry(stage, fp, self.root / stage / fp)
+
+    @contextmanager
+    def lock(self, entry: Entry) -> Iterator[None]:
+        entry.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(entry.path.parent / f".{entry.fingerprint}.lock")):
+            yield
+
+    def build(
+        self,
+        entry: Entry,
+        produce: Callable[[Path], dict[str, Any] | None],
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Run `produce(tmp_dir)` and publish its files atomically; returns the manifest."""
+        self.clean_stale(entry.path.parent)
+        tmp = entry.path.parent / f"{TMP_PREFIX}{entry.fingerprint}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        try:
+            start = time.time()
+            stats = produce(tmp) or {}
+            files = {
+                str(p.relative_to(tmp)): file_sha256(p)
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file() and not p.name.startswith(TMP_PREFIX)
+            }
+            manifest = {
+                **meta,
+                "stage": entry.stage,
+                "fingerprint": entry.fingerprint,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - start, 3),
+                "stats": stats,
+                "files": files,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            if entry.path.exists():  # an incomplete leftover (no manifest): never trusted, replace it
+                shutil.rmtree(entry.path)
+            os.rename(tmp, entry.path)
+            return manifest
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def clean_stale(self, stage_dir: Path) -> None:
+        """Remove temporary folders left by killed runs (dead pid, or older than a few hours)."""
+        if not stage_dir.is_dir():
+            return
+        for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
+            parts = tmp.name[len(TMP_PREFIX) :].split("-")
+            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+            too_old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+            if too_old or (pid is not None and not _pid_alive(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def entries(self) -> Iterator[Entry]:
+        if not self.root.is_dir():
+            return
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                yield Entry(stage_dir.name, path.name, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

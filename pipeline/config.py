@@ -1,0 +1,244 @@
+"""Run configuration: typed sections, presets, `--set key=value` overrides and YAML files.
+
+Each stage fingerprints only the sections it reads (see pipeline.stages.STAGES), so changing one key recomputes
+exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration given by the user; the CLI prints it as one line."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | tofu | muse
+    path: str | None = None  # folder of files, or a hub dataset id
+    split: str = "forget10"  # tofu: forget01 | forget05 | forget10
+    seed: int = 0
+    n_authors: int = 40  # embedded only
+    qa_per_author: int = 10  # embedded only
+    forget_fraction: float = 0.1  # embedded only
+    limit: int | None = None  # cap on rows per split (tofu, muse)
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # hub id or local path; None trains a tiny Llama from scratch
+    vocab_size: int = 1024  # tokenizer trained by `prepare` when name is None
+
+
+@dataclass
+class TargetConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    epochs: int = 50
+    lr: float = 3e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class AssistantsConfig:
+    kind: str = "kenlm"  # kenlm | llm
+    splits: str = "full_retain"  # full_retain | full_forget
+    order: int = 5
+    memory: str = "10%"  # lmplz -S
+    llm_epochs: int = 20  # llm assistants only
+
+
+@dataclass
+class MasksConfig:
+    gamma: float | str = 0.5  # threshold on |p_a - p_b|, or "auto"
+    window: int = 2  # widen each selection by ±window positions
+
+
+@dataclass
+class UnlearnConfig:
+    methods: list[str] = field(default_factory=lambda: ["su", "graddiff"])
+    lr: float = 5e-4
+    epochs: int = 5
+    batch_size: int = 8
+    alpha: float = 1.0  # weight of the retain loss
+    zero_stage: int = 0
+    num_procs: int = 1
+    bf16: bool = False  # GPU only
+    grad_accum: int = 1
+    seed: int = 0
+    max_forget_loss: float = 50.0  # stop with an error when the forget NLL passes this bound
+
+
+@dataclass
+class EvaluateConfig:
+    max_new_tokens: int = 200
+    batch_size: int = 64
+    retain_eval_items: int = 400  # TOFU's retain_perturbed size; embedded samples this many retain items
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    assistants: AssistantsConfig = field(default_factory=AssistantsConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return asdict(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "embedded": {},
+    "micro": {
+        "data.n_authors": 12,
+        "data.qa_per_author": 4,
+        "data.forget_fraction": 0.25,
+        "model.vocab_size": 384,
+        "target.hidden_size": 32,
+        "target.num_layers": 2,
+        "target.num_heads": 2,
+        "target.intermediate_size": 64,
+        "target.epochs": 3,
+        "target.batch_size": 16,
+        "assistants.order": 3,
+        "unlearn.epochs": 1,
+        "unlearn.batch_size": 4,
+        "evaluate.max_new_tokens": 16,
+        "evaluate.retain_eval_items": 12,
+    },
+    "tofu": {"data.source": "tofu", "data.split": "forget10", "model.vocab_size": 4096},
+    "muse": {"data.source": "muse", "model.vocab_size": 4096, "masks.gamma": 0.8},
+}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _coerce(raw: Any, hint: Any, key: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    if origin is list:
+        return [s.strip() for s in raw.split(",") if s.strip()]
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:  # e.g. float | str: try the stricter type first
+            try:
+                return _coerce(raw, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: cannot read {raw!r}")
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return hint(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {raw!r}") from None
+
+
+def suggest(name: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_override(cfg: Config, key: str, raw: Any) -> None:
+    section_name, _, field_name = key.partition(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if section_name not in sections or not field_name:
+        all_keys = [f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))]
+        raise ConfigError(f"unknown config key {key!r}{suggest(key, all_keys)}")
+    section = getattr(cfg, section_name)
+    hints = _field_types(type(section))
+    if field_name not in hints:
+        keys = [f"{section_name}.{f}" for f in hints]
+        raise ConfigError(f"unknown config key {key!r}{suggest(key, keys)}")
+    setattr(section, field_name, _coerce(raw, hints[field_name], key))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one value's type; each failure is one readable line."""
+    from stages.unlearn import METHODS  # registry lives with the loop
+
+    if cfg.data.source not in ("embedded", "tofu", "muse"):
+        raise ConfigError(f"unknown data source {cfg.data.source!r}{suggest(cfg.data.source, ['embedded', 'tofu', 'muse'])}")
+    gamma = cfg.masks.gamma
+    if isinstance(gamma, str) and gamma != "auto":
+        raise ConfigError(f"masks.gamma must be a number in [0, 1] or 'auto', got {gamma!r}")
+    if not isinstance(gamma, str) and not 0.0 <= float(gamma) <= 1.0:
+        raise ConfigError(f"masks.gamma must be in [0, 1] (a difference of probabilities), got {gamma}")
+    if cfg.masks.window < 0:
+        raise ConfigError(f"masks.window must be >= 0, got {cfg.masks.window}")
+    if cfg.assistants.splits not in ("full_retain", "full_forget"):
+        raise ConfigError(f"assistants.splits must be full_retain or full_forget, got {cfg.assistants.splits!r}")
+    if cfg.assistants.kind not in ("kenlm", "llm"):
+        raise ConfigError(f"assistants.kind must be kenlm or llm, got {cfg.assistants.kind!r}")
+    if not cfg.unlearn.methods:
+        raise ConfigError("unlearn.methods is empty")
+    for method in cfg.unlearn.methods:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}{suggest(method, METHODS)}")
+    if cfg.model.name and not Path(cfg.model.name).exists() and cfg.model.name.startswith((".", "/", "~")):
+        raise ConfigError(f"model path {cfg.model.name} does not exist")
+
+
+def load_config(
+    preset: str = "embedded", config_file: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> Config:
+    """Preset, then a YAML/JSON file, then `key=value` overrides, each on top of the last."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}{suggest(preset, PRESETS)}")
+    cfg = Config()
+    for key, value in PRESETS[preset].items():
+        apply_override(cfg, key, value)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        for key, value in _flatten(tree or {}).items():
+            apply_override(cfg, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        apply_override(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
