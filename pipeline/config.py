@@ -196,8 +196,9 @@ def validate(cfg: Config) -> None:
     """Checks that need more than one value's type; each failure is one readable line."""
     from stages.unlearn import METHODS  # registry lives with the loop
 
-    if cfg.data.source not in ("embedded", "tofu", "muse"):
-        raise ConfigError(f"unknown data source {cfg.data.source!r}{suggest(cfg.data.source, ['embedded', 'tofu', 'muse'])}")
+    sources = ("embedded", "tofu", "muse")
+    if cfg.data.source not in sources:
+        raise ConfigError(f"unknown data source {cfg.data.source!r}{suggest(cfg.data.source, sources)}")
     gamma = cfg.masks.gamma
     if isinstance(gamma, str) and gamma != "auto":
         raise ConfigError(f"masks.gamma must be a number in [0, 1] or 'auto', got {gamma!r}")

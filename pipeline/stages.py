@@ -44,7 +44,9 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "assistants", "stages.assistants:train_assistants", ("assistants",), ("prepare",), ("stages.assistants",)
         ),
-        StageSpec("scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants"), ("stages.scores",)),
+        StageSpec(
+            "scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants"), ("stages.scores",)
+        ),
         StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",), ("stages.masks",)),
         StageSpec(
             "unlearn", "stages.unlearn:unlearn", ("unlearn",), ("prepare", "target", "masks"), ("stages.unlearn",)

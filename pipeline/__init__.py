@@ -1,0 +1,1 @@
+"""Orchestration: run config, artifact cache, Prefect flows and the `sunlearn` CLI."""

@@ -1,0 +1,135 @@
+"""The `sunlearn` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from pipeline.env import configure_environment
+
+configure_environment()
+
+from pipeline.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
+from pipeline.stages import ORDER  # noqa: E402
+
+log = logging.getLogger("sunlearn")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="embedded", help=f"one of {', '.join(PRESETS)} (default: embedded)")
+    parser.add_argument("--config", dest="config_file", help="YAML or JSON file of config keys")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. masks.gamma=0.6 (repeatable)")
+    parser.add_argument("--artifacts", default="artifacts", help="artifact root (default: ./artifacts)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sunlearn", description="Selective Unlearning pipeline")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline (cached stages are reused)")
+    _config_args(run)
+    run.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything downstream of it")
+    run.add_argument("--json", action="store_true", help="print one JSON object (stages and metrics) on stdout")
+
+    stage = sub.add_parser("stage", help="run one stage, computing only the upstream stages that are missing")
+    stage.add_argument("name", help=" | ".join(ORDER))
+    _config_args(stage)
+    stage.add_argument("--if-missing", action="store_true", help="reuse the stage's artifact when it is cached")
+    stage.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    status = sub.add_parser("status", help="show each stage's cache state for a config")
+    _config_args(status)
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def _check_stage(name: str | None) -> None:
+    if name is not None and name not in ORDER:
+        raise ConfigError(f"unknown stage {name!r}{suggest(name, ORDER)}")
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        keep = ("name", "status", "seconds", "path")
+        print(json.dumps({"stages": [{k: s[k] for k in keep} for s in summary["stages"]],
+                          "metrics": summary["metrics"]}))
+        return
+    print()
+    for s in summary["stages"]:
+        print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")
+    if summary["metrics"]:
+        from stages.evaluate import format_table
+
+        print()
+        print(format_table(summary["metrics"]))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    _check_stage(args.force)
+    load_config(args.preset, args.config_file, args.overrides)  # fail fast, before Prefect starts
+    from pipeline.flows import pipeline_flow
+
+    summary = pipeline_flow(preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
+                            force=args.force, config_file=args.config_file)
+    _print_summary(summary, args.json)
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    _check_stage(args.name)
+    load_config(args.preset, args.config_file, args.overrides)
+    from pipeline.flows import stage_flow
+
+    summary = stage_flow(stage=args.name, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
+                         force=not args.if_missing, config_file=args.config_file)
+    _print_summary(summary, args.json)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from pipeline.cache import ArtifactCache
+    from pipeline.stages import fingerprints
+
+    cfg = load_config(args.preset, args.config_file, args.overrides)
+    cache = ArtifactCache(args.artifacts)
+    rows = []
+    for name, fp in fingerprints(cfg).items():
+        entry = cache.entry(name, fp["fingerprint"])
+        state = "cached" if entry.is_complete() else "incomplete" if entry.path.exists() else "missing"
+        rows.append({"name": name, "state": state, "fingerprint": fp["fingerprint"], "path": str(entry.path)})
+    if args.json:
+        print(json.dumps({"stages": rows}))
+        return
+    for row in rows:
+        print(f"  {row['name']:<11} {row['state']:<10} {row['fingerprint']}  {row['path']}")
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("sunlearn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure is one line unless --debug
+        if args.debug:
+            raise
+        print(f"sunlearn: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
