@@ -112,7 +112,6 @@ COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

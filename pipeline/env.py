@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def configure_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect attaches its console and API handlers to this logger (PREFECT_LOGGING_EXTRA_LOGGERS)
+    logging.getLogger("sunlearn").setLevel(logging.INFO)
     try:
         import torch
 

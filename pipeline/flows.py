@@ -86,7 +86,8 @@ def _metrics(cfg: Config, artifacts: str) -> list[dict[str, Any]]:
 
 
 def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str]) -> dict[str, Any]:
-    results = [stage_task(name, cfg, artifacts, force=name in forced) for name in stages]
+    # a cached stage returns a Cached state, so take every result from its state
+    results = [stage_task(name, cfg, artifacts, force=name in forced, return_state=True).result() for name in stages]
     metrics = _metrics(cfg, artifacts) if "evaluate" in stages else []
     if metrics:
         create_table_artifact(key="metrics", table=metrics, description="sunlearn metrics (model, metric, value)")

@@ -24,13 +24,16 @@ ASSISTANT_SPLITS = {
 }
 
 
+REPO_KENLM_BIN = Path(__file__).resolve().parents[1] / ".kenlm" / "bin"  # where `make setup` builds them
+
+
 class KenLMError(RuntimeError):
     """lmplz or build_binary missing or failing."""
 
 
 def kenlm_tool(name: str) -> str:
     """Path of a KenLM binary: $SUNLEARN_KENLM_BIN, the repo's .kenlm/bin, then PATH."""
-    candidates = [os.environ.get("SUNLEARN_KENLM_BIN"), str(Path(__file__).resolve().parents[1] / ".kenlm/bin")]
+    candidates = [os.environ.get("SUNLEARN_KENLM_BIN"), str(REPO_KENLM_BIN)]
     for folder in filter(None, candidates):
         path = Path(folder) / name
         if path.is_file() and os.access(path, os.X_OK):
