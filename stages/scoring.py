@@ -1,0 +1,102 @@
+"""Batched model passes for evaluation: teacher-forced answer NLLs and greedy generations.
+
+Both sort items by length so a batch holds similar lengths, and return results in the input order.
+Scoring pads on the right (causal attention never looks ahead, so padding cannot change a score);
+generation pads on the left so every row's next token sits in the last column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.common import encode_qa
+
+
+@dataclass
+class AnswerScores:
+    nll_sum: np.ndarray  # (n,) sum of answer-token cross-entropies (EOS included, as in training)
+    n_tokens: np.ndarray  # (n,) answer tokens scored
+    argmax_correct: list[np.ndarray]  # per item, per answer token: teacher-forced argmax == label
+
+    @property
+    def nll_avg(self) -> np.ndarray:
+        return self.nll_sum / np.maximum(self.n_tokens, 1)
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """The prompt exactly as encode_qa tokenizes it for training (BOS included when the tokenizer adds one)."""
+    ids, answer_start = encode_qa(tokenizer, question, "")
+    return ids[:answer_start]
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def score_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int) -> AnswerScores:
+    """Teacher-forced NLL of each (question, answer) pair over its answer tokens, tokenized by encode_qa."""
+    encoded = [encode_qa(tokenizer, q, a) for q, a in pairs]
+    n = len(encoded)
+    nll_sum = np.zeros(n)
+    n_tokens = np.zeros(n, dtype=np.int64)
+    argmax_correct: list[np.ndarray] = [np.zeros(0, dtype=bool)] * n
+    device = model.device
+    pad = tokenizer.pad_token_id
+    for idx in _batches([len(ids) for ids, _ in encoded], batch_size):
+        width = max(len(encoded[i][0]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids, start = encoded[i]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            labels[row, start : len(ids)] = input_ids[row, start : len(ids)]
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits, labels = logits[:, :-1].float(), labels[:, 1:].to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        scored = labels != -100
+        hits = (logits.argmax(-1) == labels) & scored
+        nll_sum[idx] = ce.sum(1).double().cpu().numpy()
+        n_tokens[idx] = scored.sum(1).cpu().numpy()
+        scored, hits = scored.cpu().numpy(), hits.cpu().numpy()
+        for row, i in enumerate(idx):
+            argmax_correct[i] = hits[row][scored[row]]
+    return AnswerScores(nll_sum=nll_sum, n_tokens=n_tokens, argmax_correct=argmax_correct)
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuation of each prompt (token ids), cut at EOS, decoded without special tokens."""
+    from transformers import GenerationConfig
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, bos_token_id=None
+    )
+    texts = [""] * len(prompts)
+    device = model.device
+    for idx in _batches([len(p) for p in prompts], batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]) :] = 1
+        # generate() stops as soon as every row has produced EOS and fills finished rows with pad
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+        )
+        new = out[:, width:].cpu()
+        finished = new == eos
+        ends = torch.where(finished.any(1), finished.int().argmax(1), new.shape[1])
+        for row, i in enumerate(idx):
+            texts[i] = tokenizer.decode(new[row, : ends[row]].tolist(), skip_special_tokens=True).strip()
+    return texts

@@ -1,0 +1,214 @@
+"""Batched scoring and generation against one-at-a-time runs, then the evaluate stage end to end, on tiny Llamas."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.config import Config
+from schemas import DOCUMENTS, read_table, write_table
+from stages.common import TOKENIZER_DIR, encode_qa
+from stages.evaluate import METRIC_NAMES, evaluate, format_table
+from stages.scoring import generate_greedy, prompt_ids, score_answers
+
+AUTHORS = ["Ana Reyes", "Bo Lindqvist", "Chen Wei", "Dara Okafor", "Eli Moreau", "Femi Adeyemi"]
+GENRES = ["mystery novels", "poetry", "science fiction", "historical drama", "fantasy sagas", "short stories"]
+CITIES = ["Lisbon", "Oslo", "Shanghai", "Lagos", "Lyon", "Accra"]
+
+
+def _qa(i: int) -> dict[str, object]:
+    a, g, c = AUTHORS[i % 6], GENRES[i % 6], CITIES[(i * 5) % 6]
+    others = [GENRES[(i + d) % 6] for d in range(1, 6)]
+    return {
+        "question": f"What does {a} write?" if i < 6 else f"Where was {a} born?",
+        "answer": f"{a} writes {g}." if i < 6 else f"{a} was born in {c}.",
+        "paraphrased_answer": f"{a} is known for {g}." if i < 6 else f"{a} comes from {c}.",
+        "perturbed_answers": [f"{a} writes {o}." for o in others],
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        f"Question: {q['question']}\nAnswer: {q['answer']} {q['paraphrased_answer']}" for q in map(_qa, range(12))
+    ]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def _tiny_llama(tokenizer, seed: int, train_steps: int):
+    """A 2-layer Llama; a few full-batch steps on the QA pairs so it emits EOS and generations differ in length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    if train_steps:
+        encoded = [encode_qa(tokenizer, q["question"], q["answer"])[0] for q in map(_qa, range(12))]
+        width = max(map(len, encoded))
+        ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
+        labels = torch.tensor([e + [-100] * (width - len(e)) for e in encoded])
+        mask = (labels != -100).long()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-2)
+        for _ in range(train_steps):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return _tiny_llama(tokenizer, seed=0, train_steps=50)
+
+
+def test_batched_scoring_equals_one_at_a_time(model, tokenizer):
+    pairs = [(q["question"], a) for q in map(_qa, range(9)) for a in (q["answer"], q["perturbed_answers"][0])]
+    batched = score_answers(model, tokenizer, pairs, batch_size=5)
+    single = score_answers(model, tokenizer, pairs, batch_size=1)
+    np.testing.assert_allclose(batched.nll_sum, single.nll_sum, atol=1e-5)
+    np.testing.assert_array_equal(batched.n_tokens, single.n_tokens)
+    for b, s in zip(batched.argmax_correct, single.argmax_correct, strict=True):
+        np.testing.assert_array_equal(b, s)
+
+    # independent check of one pair: answer tokens are ' ' + answer, then EOS
+    question, answer = pairs[3]
+    ids, start = encode_qa(tokenizer, question, answer)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+    targets = torch.tensor(ids[1:])
+    expected = -logprobs[torch.arange(len(targets)), targets][start - 1 :].sum().item()
+    assert batched.n_tokens[3] == len(ids) - start == len(tokenizer(" " + answer)["input_ids"]) + 1
+    assert batched.nll_sum[3] == pytest.approx(expected, abs=1e-5)
+    assert batched.nll_avg[3] == pytest.approx(expected / batched.n_tokens[3], abs=1e-6)
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(model, tokenizer):
+    prompts = [prompt_ids(tokenizer, q["question"]) for q in map(_qa, range(12))]
+    prompts.append(prompt_ids(tokenizer, "Who?"))  # a much shorter prompt gets the most left padding
+    assert len({len(p) for p in prompts}) > 1
+    batched = generate_greedy(model, tokenizer, prompts, max_new_tokens=32, batch_size=13)
+    single = [generate_greedy(model, tokenizer, [p], max_new_tokens=32, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert len({len(t) for t in batched}) > 3  # rows finish at different steps
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=32, batch_size=4) == single
+    assert not any("</s>" in t or "<pad>" in t for t in batched)
+
+
+def test_generation_is_cut_at_eos(model, tokenizer):
+    prompt = prompt_ids(tokenizer, _qa(0)["question"])
+    with torch.no_grad():
+        full = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )[0, len(prompt) :].tolist()
+    text = generate_greedy(model, tokenizer, [prompt], max_new_tokens=30, batch_size=1)[0]
+    assert tokenizer.eos_token_id in full  # the trained model stops by itself
+    full = full[: full.index(tokenizer.eos_token_id)]
+    assert text == tokenizer.decode(full, skip_special_tokens=True).strip()
+
+
+def _documents(tokenizer) -> pa.Table:
+    rows = []
+    splits = ["forget"] * 4 + ["retain"] * 8 + ["real_authors"] * 3 + ["world_facts"] * 3
+    for i, split in enumerate(splits):
+        q = _qa(i % 12)
+        if split in ("real_authors", "world_facts"):
+            q["perturbed_answers"] = q["perturbed_answers"][:3]
+        ids, start = encode_qa(tokenizer, q["question"], q["answer"])
+        rows.append(
+            {
+                "doc_id": f"{split}-{i}",
+                "split": split,
+                "author": AUTHORS[i % 6],
+                "paraphrased_question": q["question"],
+                "gold_spans": None,
+                "input_ids": ids,
+                "answer_start": start,
+                "gold": None,
+                **q,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=DOCUMENTS)
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory, tokenizer, model) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate_inputs")
+    prepare, target, unlearn = root / "prepare", root / "target", root / "unlearn"
+    prepare.mkdir()
+    write_table(_documents(tokenizer), prepare / "documents.parquet")
+    tokenizer.save_pretrained(prepare / TOKENIZER_DIR)
+    model.save_pretrained(target / "target")
+    _tiny_llama(tokenizer, seed=1, train_steps=20).save_pretrained(target / "retain")
+    _tiny_llama(tokenizer, seed=2, train_steps=0).save_pretrained(unlearn / "su")
+    _tiny_llama(tokenizer, seed=3, train_steps=10).save_pretrained(unlearn / "graddiff")
+    return {"prepare": prepare, "target": target, "unlearn": unlearn}
+
+
+def _config(methods: list[str]) -> Config:
+    cfg = Config()
+    cfg.unlearn.methods = methods
+    cfg.evaluate.max_new_tokens = 8
+    cfg.evaluate.batch_size = 4
+    cfg.evaluate.retain_eval_items = 3  # no eval_retain rows: the first 3 retain rows stand in
+    return cfg
+
+
+def test_evaluate_writes_every_metric_for_every_model(stage_inputs, tmp_path):
+    stats = evaluate(_config(["su", "graddiff"]), stage_inputs, tmp_path)
+    models = ["target", "retain", "su", "graddiff"]
+    assert stats["models"] == models
+    assert set(stats["summary"]) == set(models)
+
+    metrics = read_table(tmp_path / "metrics.parquet").to_pylist()
+    values = {(r["model"], r["metric"]): r["value"] for r in metrics}
+    assert set(values) == {(m, n) for m in models for n in METRIC_NAMES}
+    assert values[("retain", "forget_quality")] == pytest.approx(1.0)  # KS of a sample against itself
+    for (_, name), value in values.items():
+        assert 0.0 <= value <= 1.0, name
+    assert stats["summary"]["su"]["model_utility"] == values[("su", "model_utility")]
+
+    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
+    per_model = {"forget": 4, "eval_retain": 3, "real_authors": 3, "world_facts": 3}
+    assert len(items) == len(models) * sum(per_model.values())
+    target_retain = [r["doc_id"] for r in items if r["model"] == "target" and r["split"] == "eval_retain"]
+    assert target_retain == ["retain-4", "retain-5", "retain-6"]
+    forget_probs = [r["prob"] for r in items if r["model"] == "target" and r["split"] == "forget"]
+    assert values[("target", "forget_prob")] == pytest.approx(np.mean(forget_probs))
+
+    table = format_table(read_table(tmp_path / "metrics.parquet"))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["model", "forget_quality", "model_utility"]
+    assert [line.split()[0] for line in lines[2:]] == models
+
+
+def test_evaluate_without_retain_model_reports_nan_forget_quality(stage_inputs, tmp_path):
+    target = tmp_path / "target_only"
+    target.mkdir()
+    (target / "target").symlink_to(stage_inputs["target"] / "target", target_is_directory=True)
+    stats = evaluate(_config(["su"]), {**stage_inputs, "target": target}, tmp_path / "out")
+    assert stats["models"] == ["target", "su"]
+    assert all(math.isnan(s["forget_quality"]) for s in stats["summary"].values())
+    assert not math.isnan(stats["summary"]["target"]["model_utility"])
