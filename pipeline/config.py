@@ -38,6 +38,7 @@ class DataConfig:
 class ModelConfig:
     name: str | None = None  # hub id or local path; None trains a tiny Llama from scratch
     vocab_size: int = 1024  # tokenizer trained by `prepare` when name is None
+    retain_name: str | None = None  # with `name`: the model trained without the forget set (for forget quality)
 
 
 @dataclass

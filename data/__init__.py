@@ -1,0 +1,1 @@
+"""The embedded default data set (`data.embedded.generate`) and its word pools (`data.names`)."""
