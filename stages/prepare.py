@@ -1,0 +1,266 @@
+"""Prepare: load the QA data set, build the tokenizer, and write one tokenised row per QA item.
+
+Writes `documents.parquet` (schemas.DOCUMENTS) and the tokenizer folder (stages.common.TOKENIZER_DIR). Splits:
+forget, retain, eval_retain (TOFU's retain_perturbed; for the embedded set a sample of retain), real_authors and
+world_facts. Reads only the `data` and `model` config sections.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import Config, ConfigError, DataConfig, ModelConfig
+from schemas import write_table
+from stages.common import TOKENIZER_DIR, log, prompt_text
+
+OUTPUT_SPLITS = ("forget", "retain", "eval_retain", "real_authors", "world_facts")
+EVAL_RETAIN_ITEMS = 400  # TOFU's retain_perturbed size
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+TOFU_HUB_ID = "locuslab/TOFU"
+_TOFU_FILES = {  # output split -> file stem; forget/retain stems depend on data.split
+    "eval_retain": "retain_perturbed",
+    "real_authors": "real_authors_perturbed",
+    "world_facts": "world_facts_perturbed",
+}
+
+
+def _item(row: dict[str, Any]) -> dict[str, Any]:
+    """A QA row with every field the documents table holds (missing ones as None)."""
+    perturbed = row.get("perturbed_answer")
+    return {
+        "question": row["question"],
+        "answer": row["answer"],
+        "paraphrased_question": row.get("paraphrased_question"),
+        "paraphrased_answer": row.get("paraphrased_answer"),
+        "perturbed_answers": list(perturbed) if perturbed is not None else None,
+        "author": row.get("author"),
+        "gold_spans": row.get("gold_spans"),
+    }
+
+
+def _check_rows(rows: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(rows, list):
+        raise ConfigError(f"{where}: expected a list of question-answer objects, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: row {i} is not an object")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ConfigError(f"{where}: row {i} has no {key!r}")
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file does not exist")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    return _check_rows(rows, str(path))
+
+
+def _read_hub(dataset_id: str, config_name: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(dataset_id, config_name, split="train").to_list()
+    except Exception as exc:  # network, missing config, auth: all reported as one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {dataset_id}/{config_name} from the hub: {first}") from None
+    return _check_rows(rows, f"{dataset_id}/{config_name}")
+
+
+def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
+    match = re.fullmatch(r"forget(\d\d)", data.split)
+    if match is None or match.group(1) not in ("01", "05", "10"):
+        raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {data.split!r}")
+    stems = {"forget": data.split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+    path = data.path or TOFU_HUB_ID
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        sources = {split: str(folder / f"{stem}.json") for split, stem in stems.items()}
+        raw = {split: _read_json(Path(src)) for split, src in sources.items()}
+    elif path.startswith((".", "/", "~")) or folder.exists():
+        raise ConfigError(f"data.path {path} is not a folder")
+    else:
+        sources = {split: f"{path}/{stem}" for split, stem in stems.items()}
+        raw = {split: _read_hub(path, stem) for split, stem in stems.items()}
+    return {split: [_item(r) for r in rows[: data.limit]] for split, rows in raw.items()}, sources
+
+
+def embedded_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
+    from data.embedded import generate
+
+    try:
+        raw = generate(data.seed, data.n_authors, data.qa_per_author, data.forget_fraction)
+    except ValueError as exc:
+        raise ConfigError(f"embedded data: {exc}") from None
+    splits = {split: [_item(r) for r in rows] for split, rows in raw.items()}
+    retain = splits["retain"]
+    picked = sorted(random.Random(data.seed).sample(range(len(retain)), min(EVAL_RETAIN_ITEMS, len(retain))))
+    splits["eval_retain"] = [dict(retain[i]) for i in picked]
+    return splits
+
+
+def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
+    """Every output split as a list of QA items; checks the forget set."""
+    if data.source == "embedded":
+        splits, forget_source = embedded_splits(data), "embedded data"
+    elif data.source == "tofu":
+        splits, sources = tofu_splits(data)
+        forget_source = sources["forget"]
+    elif data.source == "muse":
+        raise ConfigError("the muse source is not built yet")
+    else:
+        raise ConfigError(f"unknown data source {data.source!r}")
+    if not splits["forget"]:
+        raise ConfigError(f"{forget_source}: the forget set is empty")
+    retain_pairs = {(r["question"], r["answer"]) for r in splits["retain"]}
+    overlap = sum((r["question"], r["answer"]) in retain_pairs for r in splits["forget"])
+    if overlap:
+        log.warning("%s: %d forget items also appear in the retain set", forget_source, overlap)
+    return {split: splits[split] for split in OUTPUT_SPLITS}
+
+
+def _texts(splits: dict[str, list[dict[str, Any]]]):
+    for rows in splits.values():
+        for r in rows:
+            yield f"{prompt_text(r['question'])} {r['answer']}"
+            if r["paraphrased_question"]:
+                yield prompt_text(r["paraphrased_question"])
+            if r["paraphrased_answer"]:
+                yield r["paraphrased_answer"]
+            yield from r["perturbed_answers"] or ()
+
+
+def train_tokenizer(splits: dict[str, list[dict[str, Any]]], vocab_size: int):
+    """A byte-level BPE tokenizer over every text the pipeline will tokenise; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        minimum = len(alphabet) + 2  # every byte, then EOS and PAD
+        raise ConfigError(f"model.vocab_size must be at least {minimum}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(_texts(splits), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, model_max_length=4096
+    )
+
+
+def load_pretrained_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = model.name
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model path {name} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {name}: {str(exc).strip().splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _gold_mask(offsets: list[tuple[int, int]], spans: list[dict[str, int]]) -> np.ndarray:
+    """Per answer token: does it overlap a span? Offsets index ' ' + answer, spans index answer."""
+    if not offsets:
+        return np.zeros(0, dtype=bool)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts = np.array([s["start"] for s in spans], dtype=np.int64) + 1
+    ends = np.array([s["end"] for s in spans], dtype=np.int64) + 1
+    return ((off[:, :1] < ends[None, :]) & (off[:, 1:] > starts[None, :])).any(axis=1)
+
+
+def encode_documents(tokenizer, splits: dict[str, list[dict[str, Any]]]) -> pa.Table:
+    """One row per QA item, tokenised in batches exactly as stages.common.encode_qa does one item."""
+    rows = [(split, i, r) for split, items in splits.items() for i, r in enumerate(items)]
+    width = max(4, len(str(max(len(items) for items in splits.values()))))
+    prompts = tokenizer([prompt_text(r["question"]) for _, _, r in rows], add_special_tokens=False)["input_ids"]
+    need_offsets = any(r["gold_spans"] for _, _, r in rows)
+    answers = tokenizer(
+        [" " + r["answer"] for _, _, r in rows], add_special_tokens=False, return_offsets_mapping=need_offsets
+    )
+    add_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    input_ids, answer_start, gold = [], [], []
+    for k, (_, _, r) in enumerate(rows):
+        prompt, answer = bos + prompts[k], answers["input_ids"][k]
+        input_ids.append([*prompt, *answer, tokenizer.eos_token_id])
+        answer_start.append(len(prompt))
+        if r["gold_spans"]:
+            mask = np.zeros(len(input_ids[-1]), dtype=bool)
+            mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(answers["offset_mapping"][k], r["gold_spans"])
+            gold.append(mask.tolist())
+        else:
+            gold.append(None)
+    column = {
+        key: [r[key] for _, _, r in rows]
+        for key in (
+            "author",
+            "question",
+            "answer",
+            "paraphrased_question",
+            "paraphrased_answer",
+            "perturbed_answers",
+            "gold_spans",
+        )
+    }
+    return pa.table(
+        {
+            "doc_id": [f"{split}/{i:0{width}d}" for split, i, _ in rows],
+            "split": [split for split, _, _ in rows],
+            **column,
+            "input_ids": input_ids,
+            "answer_start": answer_start,
+            "gold": gold,
+        }
+    )
+
+
+def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(cfg.data)
+    if cfg.model.name is None:
+        tokenizer = train_tokenizer(splits, cfg.model.vocab_size)
+    else:
+        tokenizer = load_pretrained_tokenizer(cfg.model)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    table = encode_documents(tokenizer, splits)
+    write_table(table, out / "documents.parquet")
+
+    lengths = np.array([len(ids) for ids in table["input_ids"].to_pylist()])
+    starts = table["answer_start"].to_numpy()
+    is_forget = np.array([s == "forget" for s in table["split"].to_pylist()])
+    forget_gold = [g for g, f in zip(table["gold"].to_pylist(), is_forget, strict=True) if f and g is not None]
+    forget_answer_tokens = int((lengths - starts)[is_forget].sum())
+    stats: dict[str, Any] = {f"{split}_items": len(items) for split, items in splits.items()}
+    stats.update(
+        vocab_size=len(tokenizer),
+        total_tokens=int(lengths.sum()),
+        forget_tokens=int(lengths[is_forget].sum()),
+        forget_answer_tokens=forget_answer_tokens,
+        gold_coverage=(sum(map(sum, forget_gold)) / forget_answer_tokens) if forget_gold else None,
+    )
+    log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return stats
