@@ -8,6 +8,7 @@ To add a metric: write a pure function in stages/metrics.py and call it from `ev
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import time
@@ -72,16 +73,12 @@ TABLE_COLUMNS = [
 ]
 
 
-def evaluation_rows(documents: pa.Table, split: str, retain_eval_items: int) -> list[dict[str, Any]]:
+def evaluation_rows(documents: list[dict[str, Any]], split: str, retain_eval_items: int) -> list[dict[str, Any]]:
     """Rows of one evaluation split; without eval_retain rows, the first retain rows that can be truth-ratioed."""
-    rows = [r for r in documents.to_pylist() if r["split"] == split]
+    rows = [r for r in documents if r["split"] == split]
     if split == "eval_retain" and not rows:
-        retain = [
-            r
-            for r in documents.to_pylist()
-            if r["split"] == "retain" and r["paraphrased_answer"] and r["perturbed_answers"]
-        ]
-        rows = retain[:retain_eval_items]
+        usable = (r for r in documents if r["split"] == "retain" and r["paraphrased_answer"] and r["perturbed_answers"])
+        rows = list(itertools.islice(usable, retain_eval_items))
     return rows
 
 
@@ -167,7 +164,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    documents = load_documents(inputs["prepare"])
+    documents = load_documents(inputs["prepare"]).drop_columns(["input_ids", "gold"]).to_pylist()
     tokenizer = load_tokenizer(inputs["prepare"])
     split_rows = {s.split: evaluation_rows(documents, s.split, cfg.evaluate.retain_eval_items) for s in SPLITS}
     for split, rows in split_rows.items():

@@ -176,32 +176,48 @@ def _config(methods: list[str]) -> Config:
     return cfg
 
 
-def test_evaluate_writes_every_metric_for_every_model(stage_inputs, tmp_path):
-    stats = evaluate(_config(["su", "graddiff"]), stage_inputs, tmp_path)
-    models = ["target", "retain", "su", "graddiff"]
+def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepared_micro, trained_micro, tmp_path):
+    unlearn = tmp_path / "unlearn"
+    unlearn.mkdir()
+    for method in micro_cfg.unlearn.methods:  # stand-ins: the target itself under each method's name
+        (unlearn / method).symlink_to(trained_micro / "target", target_is_directory=True)
+    out = tmp_path / "evaluate"
+    stats = evaluate(micro_cfg, {"prepare": prepared_micro, "target": trained_micro, "unlearn": unlearn}, out)
+    models = ["target", "retain", *micro_cfg.unlearn.methods]
     assert stats["models"] == models
     assert set(stats["summary"]) == set(models)
 
-    metrics = read_table(tmp_path / "metrics.parquet").to_pylist()
-    values = {(r["model"], r["metric"]): r["value"] for r in metrics}
+    values = {(r["model"], r["metric"]): r["value"] for r in read_table(out / "metrics.parquet").to_pylist()}
     assert set(values) == {(m, n) for m in models for n in METRIC_NAMES}
+    for (model, name), value in values.items():
+        assert 0.0 <= value <= 1.0, (model, name)
+        assert value == values[("target", name)] or model in ("target", "retain")  # same weights, same numbers
     assert values[("retain", "forget_quality")] == pytest.approx(1.0)  # KS of a sample against itself
-    for (_, name), value in values.items():
-        assert 0.0 <= value <= 1.0, name
-    assert stats["summary"]["su"]["model_utility"] == values[("su", "model_utility")]
+    assert stats["summary"]["target"]["model_utility"] == values[("target", "model_utility")]
 
-    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
-    per_model = {"forget": 4, "eval_retain": 3, "real_authors": 3, "world_facts": 3}
-    assert len(items) == len(models) * sum(per_model.values())
-    target_retain = [r["doc_id"] for r in items if r["model"] == "target" and r["split"] == "eval_retain"]
-    assert target_retain == ["retain-4", "retain-5", "retain-6"]
-    forget_probs = [r["prob"] for r in items if r["model"] == "target" and r["split"] == "forget"]
-    assert values[("target", "forget_prob")] == pytest.approx(np.mean(forget_probs))
+    documents = read_table(prepared_micro / "documents.parquet", columns=["split"])["split"].to_pylist()
+    sizes = {s: documents.count(s) for s in ("forget", "eval_retain", "real_authors", "world_facts")}
+    assert all(sizes.values())
+    items = read_table(out / "item_scores.parquet").to_pylist()
+    assert len(items) == len(models) * sum(sizes.values())
+    forget_probs = [r["prob"] for r in items if r["model"] == "retain" and r["split"] == "forget"]
+    assert values[("retain", "forget_prob")] == pytest.approx(np.mean(forget_probs))
 
-    table = format_table(read_table(tmp_path / "metrics.parquet"))
-    lines = table.splitlines()
+    lines = format_table(read_table(out / "metrics.parquet")).splitlines()
     assert lines[0].split()[:3] == ["model", "forget_quality", "model_utility"]
     assert [line.split()[0] for line in lines[2:]] == models
+
+
+def test_evaluate_uses_first_retain_rows_without_eval_retain(stage_inputs, tmp_path):
+    stats = evaluate(_config(["su"]), stage_inputs, tmp_path)
+    assert stats["models"] == ["target", "retain", "su"]
+    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
+    retain_rows = [r["doc_id"] for r in items if r["model"] == "target" and r["split"] == "eval_retain"]
+    assert retain_rows == ["retain-4", "retain-5", "retain-6"]
+    # the target memorised its answers, the untrained "su" did not: generations and ROUGE are wired to the answer
+    values = {(r["model"], r["metric"]): r["value"] for r in read_table(tmp_path / "metrics.parquet").to_pylist()}
+    assert values[("target", "forget_rouge")] > 0.5 > values[("su", "forget_rouge")]
+    assert values[("target", "forget_prob")] > values[("su", "forget_prob")]
 
 
 def test_evaluate_without_retain_model_reports_nan_forget_quality(stage_inputs, tmp_path):
