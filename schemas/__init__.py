@@ -102,7 +102,8 @@ REF_LOGPROBS = pa.schema(
         ("doc_id", pa.string()),
         ("kind", pa.string()),  # forget | idk | retain
         ("logprob_sum", pa.float64()),
-        ("token_logprobs", pa.list_(pa.float32())),
+        ("token_logprobs", pa.list_(pa.float32())),  # per answer token; kind retain: top-k per token, flattened
+        ("topk_ids", pa.list_(pa.int32())),  # kind retain: token ids of token_logprobs; null otherwise
     ]
 )
 

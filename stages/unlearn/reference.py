@@ -1,0 +1,82 @@
+"""Reference values from the frozen target, computed once before any method trains, so no second model is kept.
+
+Kinds (column `kind` of ref_logprobs.parquet):
+    forget  log-probs of each forget answer token (npo, npo_gd, idkdpo, su_npo; su_npo sums the selected ones)
+    idk     log-probs of each refusal answer token (idkdpo)
+    retain  top-k log-probs per retain answer token, flattened, with their token ids in `topk_ids` (kl)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from stages.unlearn.data import Batch, Split, collate
+from stages.unlearn.methods import KL_TOP_K, token_logprobs
+
+
+@torch.no_grad()
+def reference_table(model, splits: dict[str, Split], pad_id: int, batch_size: int = 32) -> pa.Table:
+    """One row per (kind, document) of `splits`, keyed by kind: forget | idk | retain."""
+    model.eval()
+    device = next(model.parameters()).device
+    columns: dict[str, list] = {"doc_id": [], "kind": [], "logprob_sum": [], "token_logprobs": [], "topk_ids": []}
+    for kind, split in splits.items():
+        for lo in range(0, len(split), batch_size):
+            batch = collate(split, np.arange(lo, min(lo + batch_size, len(split))), pad_id)
+            ids = batch.input_ids.to(device)
+            logits = model(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits.float()
+            logp = token_logprobs(logits, ids).cpu()
+            if kind == "retain":
+                k = min(KL_TOP_K, logits.shape[-1])
+                top_logp, top_ids = torch.log_softmax(logits[:, :-1], dim=-1).topk(k, dim=-1)
+                top_logp, top_ids = top_logp.cpu(), top_ids.cpu()
+            for b, doc_id in enumerate(batch.doc_ids):
+                answer = batch.answer_mask[b]
+                columns["doc_id"].append(doc_id)
+                columns["kind"].append(kind)
+                columns["logprob_sum"].append(float(logp[b][answer].sum()))
+                if kind == "retain":  # row t-1 of the shifted top-k predicts position t
+                    shifted = answer[1:]
+                    columns["token_logprobs"].append(top_logp[b][shifted].flatten().numpy())
+                    columns["topk_ids"].append(top_ids[b][shifted].flatten().int().numpy())
+                else:
+                    columns["token_logprobs"].append(logp[b][answer].numpy())
+                    columns["topk_ids"].append(None)
+    model.train()
+    return pa.table(columns)
+
+
+class Reference:
+    """Looks reference values up by doc_id and lays them out at the positions of a batch."""
+
+    def __init__(self, table: pa.Table):
+        self.rows: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        for doc_id, kind, logp, ids in zip(
+            table["doc_id"].to_pylist(),
+            table["kind"].to_pylist(),
+            table["token_logprobs"].to_numpy(zero_copy_only=False),
+            table["topk_ids"].to_numpy(zero_copy_only=False),
+            strict=True,
+        ):
+            self.rows[(kind, doc_id)] = (np.array(logp, dtype=np.float32), None if ids is None else np.array(ids))
+
+    def token_logprobs(self, kind: str, batch: Batch) -> Tensor:
+        """(B, T) reference log-probs at the batch's answer positions, 0 elsewhere."""
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for b, doc_id in enumerate(batch.doc_ids):
+            out[b][batch.answer_mask[b]] = torch.from_numpy(self.rows[(kind, doc_id)][0])
+        return out
+
+    def topk(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(B, T, k) reference top-k log-probs and token ids at the batch's answer positions."""
+        rows = [self.rows[("retain", doc_id)] for doc_id in batch.doc_ids]
+        k = len(rows[0][0]) // int(batch.answer_mask[0].sum())  # KL_TOP_K, or the vocabulary size if smaller
+        logp = torch.zeros((*batch.input_ids.shape, k))
+        ids = torch.zeros((*batch.input_ids.shape, k), dtype=torch.long)
+        for b, (values, top_ids) in enumerate(rows):
+            logp[b][batch.answer_mask[b]] = torch.from_numpy(values).view(-1, k)
+            ids[b][batch.answer_mask[b]] = torch.from_numpy(top_ids.astype(np.int64)).view(-1, k)
+        return logp, ids

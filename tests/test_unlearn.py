@@ -1,0 +1,178 @@
+"""The unlearning loop with a real DeepSpeed engine (CPU, gloo) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pipeline.config import UnlearnConfig
+from schemas import MASKS, read_table, write_table
+from stages.common import load_documents
+from stages.unlearn import METHODS, UnlearnDiverged, unlearn
+from stages.unlearn.data import Split, attach_selection, collate, load_split
+from stages.unlearn.distributed import init_distributed
+from stages.unlearn.loop import Data, check_divergence, deepspeed_config, step_outputs, train_method
+from stages.unlearn.reference import Reference, reference_table
+
+VOCAB = 32
+PAD = 0
+
+
+def memorised_model(splits: list[Split], steps: int = 30) -> LlamaForCausalLM:
+    """A tiny Llama fitted to the given sequences: a target that knows its forget set, as unlearning assumes."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batches = [collate(split, np.arange(len(split)), PAD) for split in splits]
+    for _ in range(steps):
+        for batch in batches:
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels()).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model
+
+
+def random_split(rng: np.random.Generator, prefix: str, n: int, selective: bool = False) -> Split:
+    ids = [rng.integers(1, VOCAB, size=int(rng.integers(7, 11))) for _ in range(n)]
+    starts = np.full(n, 3)
+    split = Split([f"{prefix}{i}" for i in range(n)], ids, starts)
+    if selective:  # every other answer token
+        split.selected = [(np.arange(len(x)) >= 3) & (np.arange(len(x)) % 2 == 0) for x in ids]
+    return split
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple:
+    """A saved tiny model and synthetic forget / retain / refusal data with its reference values."""
+    init_distributed()
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    rng = np.random.default_rng(0)
+    forget, retain, idk = random_split(rng, "f", 4, True), random_split(rng, "r", 6), random_split(rng, "f", 4)
+    model = memorised_model([forget, retain])
+    model.save_pretrained(path)
+    table = reference_table(model, {"forget": forget, "idk": idk, "retain": retain}, PAD, batch_size=3)
+    return path, Data(forget, retain, idk, Reference(table), PAD)
+
+
+def forget_nll(model_path, split: Split) -> float:
+    """Mean CE over forget answer tokens, through the Hugging Face loss (independent of methods.py)."""
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    batch = collate(split, np.arange(len(split)), PAD)
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels()).loss.item()
+
+
+def test_one_engine_step_changes_the_weights(tiny):
+    import deepspeed
+
+    path, data = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(UnlearnConfig(), 1))
+    outputs, _, _ = step_outputs(engine, METHODS["graddiff"], data, np.arange(2), np.arange(2))
+    engine.backward(METHODS["graddiff"](outputs, 1.0))
+    engine.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    engine.destroy()
+
+
+def test_reference_matches_the_untouched_model(tiny):
+    """At step 0 the model is the reference: NPO's ratio is 0 and the top-k KL is 0."""
+    import deepspeed
+
+    path, data = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(UnlearnConfig(), 1))
+    for name in ("npo", "su_npo"):
+        outputs, _, _ = step_outputs(engine, METHODS[name], data, np.arange(4), np.arange(4))
+        assert METHODS["npo"](outputs, 1.0).item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-4)
+    outputs, forget, _ = step_outputs(engine, METHODS["kl"], data, np.arange(4), np.arange(4))
+    assert METHODS["kl"](outputs, 1.0).item() == pytest.approx(-forget.item(), abs=1e-4)
+    engine.destroy()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_raises_the_forget_nll(tiny, tmp_path, name):
+    path, data = tiny
+    u = UnlearnConfig(methods=[name], lr=3e-3, epochs=3, batch_size=2)
+    rows, stats = train_method(u, METHODS[name], data, path, tmp_path)
+    assert stats["steps"] == len(rows) == 6
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert forget_nll(tmp_path / name, data.forget) > 1.5 * forget_nll(path, data.forget)  # the target's is ~0.005
+
+
+def test_divergence_guard_names_the_fix_and_writes_no_model(tiny, tmp_path):
+    path, data = tiny
+    u = UnlearnConfig(methods=["ga"], lr=3e-3, epochs=1, batch_size=2, max_forget_loss=1e-3)
+    with pytest.raises(UnlearnDiverged, match=r"ga: .* step 1; lower unlearn.lr .* raise unlearn.max_forget_loss"):
+        train_method(u, METHODS["ga"], data, path, tmp_path)
+    assert not (tmp_path / "ga").exists()
+    with pytest.raises(UnlearnDiverged, match=r"npo: loss became nan at step 7; lower unlearn.lr"):
+        check_divergence("npo", 7, math.nan, 1.0, 1.0, u)
+
+
+def write_masks(prepare_dir, masks_dir) -> None:
+    """A selection on every third answer token of each forget document."""
+    forget = load_split(load_documents(prepare_dir), "forget")
+    lengths = np.array([len(x) for x in forget.input_ids])
+    doc = np.repeat(np.array(forget.doc_ids, dtype=object), lengths)
+    position = np.concatenate([np.arange(n) for n in lengths])
+    in_answer = position >= np.repeat(forget.answer_start, lengths)
+    selected = in_answer & (position % 3 == 0)
+    table = pa.table(
+        {"doc_id": doc, "position": position, "selected": selected, "seed": selected, "in_answer": in_answer,
+         "gold": pa.nulls(len(doc), pa.bool_())}
+    )  # fmt: skip
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    write_table(table.cast(MASKS), masks_dir / "masks.parquet")
+
+
+@pytest.fixture(scope="module")
+def micro_inputs(prepared_micro, trained_micro, tmp_path_factory) -> dict:
+    masks = tmp_path_factory.mktemp("masks")
+    write_masks(prepared_micro, masks)
+    return {"prepare": prepared_micro, "target": trained_micro, "masks": masks}
+
+
+def test_su_labels_are_ignored_exactly_where_not_selected(micro_inputs):
+    forget = attach_selection(
+        load_split(load_documents(micro_inputs["prepare"]), "forget"), micro_inputs["masks"] / "masks.parquet"
+    )
+    table = read_table(micro_inputs["masks"] / "masks.parquet")
+    batch = collate(forget, np.arange(len(forget)), PAD)
+    labels = batch.labels(selective=True)
+    row = {d: i for i, d in enumerate(batch.doc_ids)}
+    b = torch.tensor([row[d] for d in table["doc_id"].to_pylist()])
+    t = torch.tensor(table["position"].to_numpy())
+    selected = torch.tensor(table["selected"].to_numpy(zero_copy_only=False))
+    assert len(table) == int(batch.attention_mask.sum())
+    assert torch.equal(labels[b, t] == -100, ~selected)
+    assert torch.equal(labels[b, t][selected], batch.input_ids[b, t][selected])
+    assert int((labels != -100).sum()) == int(selected.sum())
+
+
+def test_unlearn_on_micro_writes_models_and_log(micro_cfg, micro_inputs, tmp_path):
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.methods = ["su", "graddiff"]
+    stats = unlearn(cfg, micro_inputs, tmp_path)
+    log = read_table(tmp_path / "train_log.parquet").to_pandas()
+    read_table(tmp_path / "ref_logprobs.parquet")
+    for name in ("su", "graddiff"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert stats[name]["steps"] == (log["model"] == name).sum() > 0
+        assert math.isfinite(stats[name]["forget_loss"]) and stats[name]["peak_memory_mb"] > 0
