@@ -13,6 +13,7 @@ from pipeline.env import configure_environment
 configure_environment()
 
 from pipeline.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
+from pipeline.serve import cmd_serve  # noqa: E402
 from pipeline.stages import ORDER  # noqa: E402
 
 log = logging.getLogger("sunlearn")
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show each stage's cache state for a config")
     _config_args(status)
     status.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
+    serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
+    serve.add_argument("--db", default="sqlite", help="sqlite | postgres (a local cluster) | postgresql+asyncpg://...")
+    serve.add_argument("--artifacts", default="artifacts", help="artifact root the deployments use")
+    serve.add_argument("--home", help="PREFECT_HOME of the server: database, logs (default: .cache/prefect)")
     return parser
 
 
@@ -63,10 +71,12 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     for s in summary["stages"]:
         print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")
     if summary["metrics"]:
+        import pyarrow as pa
+
         from stages.evaluate import format_table
 
         print()
-        print(format_table(summary["metrics"]))
+        print(format_table(pa.Table.from_pylist(summary["metrics"])))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -107,7 +117,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"  {row['name']:<11} {row['state']:<10} {row['fingerprint']}  {row['path']}")
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

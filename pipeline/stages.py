@@ -42,10 +42,18 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("prepare", "stages.prepare:prepare", ("data", "model"), (), ("stages.prepare", "data")),
         StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",), ("stages.target",)),
         StageSpec(
-            "assistants", "stages.assistants:train_assistants", ("assistants",), ("prepare",), ("stages.assistants",)
+            "assistants",
+            "stages.assistants:train_assistants",
+            ("assistants",),
+            ("prepare",),
+            ("stages.assistants", "stages.llm_assistants", "stages.target"),
         ),
         StageSpec(
-            "scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants"), ("stages.scores",)
+            "scores",
+            "stages.scores:score_tokens",
+            ("assistants",),
+            ("prepare", "assistants"),
+            ("stages.scores", "stages.llm_assistants"),
         ),
         StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",), ("stages.masks",)),
         StageSpec(
@@ -56,7 +64,7 @@ STAGES: dict[str, StageSpec] = {
             "stages.evaluate:evaluate",
             ("evaluate",),
             ("prepare", "target", "masks", "scores", "unlearn"),
-            ("stages.evaluate",),
+            ("stages.evaluate", "stages.metrics", "stages.scoring"),
         ),
     ]
 }

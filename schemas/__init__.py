@@ -107,7 +107,18 @@ REF_LOGPROBS = pa.schema(
     ]
 )
 
+SWEEP_METRICS = pa.schema(
+    [
+        ("point", pa.int64()),  # index of the grid point
+        ("params", pa.string()),  # the grid point's key=value settings, as JSON
+        ("model", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
+    "sweep_metrics.parquet": SWEEP_METRICS,
     "documents.parquet": DOCUMENTS,
     "token_scores.parquet": TOKEN_SCORES,
     "masks.parquet": MASKS,

@@ -1,0 +1,81 @@
+"""The micro flow end to end on real components, and what the cache recomputes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cache import ArtifactCache
+from pipeline.flows import pipeline_flow, stage_flow
+from pipeline.stages import ORDER
+
+pytestmark = pytest.mark.slow
+
+
+def _ran(summary):
+    return [s["name"] for s in summary["stages"] if s["status"] == "ran"]
+
+
+@pytest.fixture(scope="module")
+def micro_root(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("artifacts")
+    first = pipeline_flow(preset="micro", artifacts=str(root))
+    return root, first
+
+
+def test_micro_flow_runs_end_to_end(micro_root):
+    root, first = micro_root
+    assert _ran(first) == ORDER
+    models = {m["model"] for m in first["metrics"]}
+    assert models == {"target", "retain", "su", "graddiff"}
+    names = {m["metric"] for m in first["metrics"]}
+    for metric in ("forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_prob", "retain_prob",
+                   "forget_truth_ratio"):
+        assert metric in names
+    assert all(ArtifactCache(root).entry(s["name"], s["fingerprint"]).verify() == [] for s in first["stages"])
+
+
+def test_second_run_recomputes_nothing(micro_root):
+    root, first = micro_root
+    second = pipeline_flow(preset="micro", artifacts=str(root))
+    assert _ran(second) == []
+    assert [s["status"] for s in second["stages"]] == ["cached"] * len(ORDER)
+    assert [s["path"] for s in second["stages"]] == [s["path"] for s in first["stages"]]
+    assert second["metrics"] == first["metrics"]
+
+
+def test_gamma_change_recomputes_only_masks_unlearn_evaluate(micro_root):
+    root, _ = micro_root
+    changed = pipeline_flow(preset="micro", overrides=["masks.gamma=0.2"], artifacts=str(root))
+    assert _ran(changed) == ["masks", "unlearn", "evaluate"]
+
+
+def test_force_recomputes_the_stage_and_downstream(micro_root):
+    root, _ = micro_root
+    forced = pipeline_flow(preset="micro", artifacts=str(root), force="scores")
+    assert _ran(forced) == ["scores", "masks", "unlearn", "evaluate"]
+
+
+def test_stage_flow_recomputes_only_that_stage(micro_root):
+    root, _ = micro_root
+    summary = stage_flow(stage="masks", preset="micro", artifacts=str(root))
+    assert _ran(summary) == ["masks"]
+    assert [s["name"] for s in summary["stages"]] == ["prepare", "assistants", "scores", "masks"]
+
+
+def test_cli_json_and_status(micro_root):
+    root, _ = micro_root
+    env = dict(os.environ)  # the CLI starts its own temporary Prefect server
+    cmd = [sys.executable, "-m", "pipeline.cli"]
+    proc = subprocess.run([*cmd, "run", "--preset", "micro", "--json", "--artifacts", str(root)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert [s["status"] for s in summary["stages"]] == ["cached"] * len(ORDER)
+    assert set(summary["stages"][0]) == {"name", "status", "seconds", "path"}
+    assert {m["model"] for m in summary["metrics"]} == {"target", "retain", "su", "graddiff"}
+    status = subprocess.run([*cmd, "status", "--preset", "micro", "--json", "--artifacts", str(root)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert [s["state"] for s in json.loads(status.stdout)["stages"]] == ["cached"] * len(ORDER)
