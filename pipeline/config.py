@@ -59,7 +59,9 @@ class AssistantsConfig:
     splits: str = "full_retain"  # full_retain | full_forget
     order: int = 5
     memory: str = "10%"  # lmplz -S
-    llm_epochs: int = 20  # llm assistants only
+    llm_epochs: int = 20  # llm assistants only: a tiny causal LM per split
+    llm_hidden_size: int = 64
+    llm_layers: int = 2
 
 
 @dataclass
