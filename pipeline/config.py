@@ -47,7 +47,7 @@ class TargetConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    epochs: int = 50
+    epochs: int = 25  # reaches answer-token accuracy 1.0 on the embedded set
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
