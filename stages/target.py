@@ -172,11 +172,12 @@ def _load_pretrained(name: str, field: str):
         raise ConfigError(f"cannot load {field} {name}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def set_threads() -> None:
+def train_threads() -> int:
     """Half the cores, at most 4: tiny models gain little from more threads and stall badly on a shared core."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(4, cores // 2)))
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
 
 
 def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
@@ -184,18 +185,21 @@ def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     prepare_dir = Path(inputs["prepare"])
     tokenizer = load_tokenizer(prepare_dir)
-    set_threads()
     stats: dict[str, Any] = {}
     if cfg.model.name is None:
         device = pick_device()
         rows: list[dict[str, Any]] = []
-        for name, splits in MODEL_SPLITS.items():
-            model, stats[name], log_rows = train_from_scratch(
-                cfg.target, tokenizer, load_documents(prepare_dir, splits), name, device
-            )
-            model.save_pretrained(out / name)
-            tokenizer.save_pretrained(out / name)
-            rows.extend(log_rows)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(train_threads())
+        try:
+            for name, splits in MODEL_SPLITS.items():
+                docs = load_documents(prepare_dir, splits)
+                model, stats[name], log_rows = train_from_scratch(cfg.target, tokenizer, docs, name, device)
+                model.save_pretrained(out / name)
+                tokenizer.save_pretrained(out / name)
+                rows.extend(log_rows)
+        finally:
+            torch.set_num_threads(threads)
         for row in rows:
             row.update(forget_loss=None, retain_loss=None)
         write_table(pa.Table.from_pylist(rows), out / "train_log.parquet")
