@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,20 +69,29 @@ class Entry:
         except (OSError, json.JSONDecodeError) as exc:
             raise CacheError(f"{self.stage} artifact {self.path}: unreadable manifest ({exc})") from exc
 
-    def verify(self) -> list[str]:
-        """Problems with this entry (empty when every file matches its recorded checksum)."""
+    def verify(self, full: bool = True) -> list[str]:
+        """Problems with this entry; empty when every file matches its manifest.
+
+        `full=False` re-hashes only files whose size or mtime changed since the manifest was written (cheap enough to
+        run before every use of a multi-GB model); `full=True` re-hashes everything (`sunlearn verify`).
+        """
         if not self.is_complete():
             return [f"{self.path}: no manifest"]
         try:
-            files = self.manifest()["files"]
+            manifest = self.manifest()
+            files = manifest["files"]
         except (CacheError, KeyError) as exc:
-            return [str(exc)]
+            return [f"{self.path}: manifest without file list ({exc})"]
+        stats = manifest.get("file_stats", {})
         problems = []
         for rel, digest in files.items():
             target = self.path / rel
             if not target.is_file():
                 problems.append(f"{target}: missing")
-            elif file_sha256(target) != digest:
+                continue
+            st = target.stat()
+            unchanged = stats.get(rel) == [st.st_size, st.st_mtime_ns]
+            if (full or not unchanged) and file_sha256(target) != digest:
                 problems.append(f"{target}: checksum mismatch")
         return problems
 
@@ -113,11 +122,9 @@ class ArtifactCache:
         try:
             start = time.time()
             stats = produce(tmp) or {}
-            files = {
-                str(p.relative_to(tmp)): file_sha256(p)
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file() and not p.name.startswith(TMP_PREFIX)
-            }
+            paths = [p for p in sorted(tmp.rglob("*")) if p.is_file() and not p.name.startswith(TMP_PREFIX)]
+            files = {str(p.relative_to(tmp)): file_sha256(p) for p in paths}
+            file_stats = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
             manifest = {
                 **meta,
                 "stage": entry.stage,
@@ -126,6 +133,7 @@ class ArtifactCache:
                 "seconds": round(time.time() - start, 3),
                 "stats": stats,
                 "files": files,
+                "file_stats": file_stats,
             }
             write_json_atomic(tmp / MANIFEST, manifest)
             if entry.path.exists():  # an incomplete leftover (no manifest): never trusted, replace it
@@ -147,12 +155,28 @@ class ArtifactCache:
             if too_old or (pid is not None and not _pid_alive(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def entries(self) -> Iterator[Entry]:
-        if not self.root.is_dir():
-            return
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                yield Entry(stage_dir.name, path.name, path)
+    def entries(self, stages: Iterable[str]) -> Iterator[Entry]:
+        """Every artifact folder (complete or not) of the given stages, skipping temporary folders."""
+        for stage in stages:
+            stage_dir = self.root / stage
+            if stage_dir.is_dir():
+                for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                    yield Entry(stage, path.name, path)
+
+    def verify_all(self, stages: Iterable[str], fix: bool = False) -> list[dict[str, Any]]:
+        """Check every entry; with `fix`, remove corrupt or incomplete ones and stale temporary folders."""
+        stages = list(stages)
+        if fix:
+            for stage in stages:
+                self.clean_stale(self.root / stage)
+        report = []
+        for entry in self.entries(stages):
+            problems = entry.verify(full=True)
+            if problems and fix:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            report.append({"stage": entry.stage, "fingerprint": entry.fingerprint, "path": str(entry.path),
+                           "ok": not problems, "problems": problems, "removed": bool(problems and fix)})
+        return report
 
 
 def _pid_alive(pid: int) -> bool:

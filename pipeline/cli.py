@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(status)
     status.add_argument("--json", action="store_true")
 
+    sweep = sub.add_parser("sweep", help="run a grid of config values as one flow and collect one metrics table")
+    _config_args(sweep)
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a config key and the values to try (repeatable; the grid is their product)")
+    sweep.add_argument("--seeds-key", default="unlearn.seed", help="grid key averaged over in the summary")
+    sweep.add_argument("--json", action="store_true")
+
+    sub.add_parser("methods", help="list the registered unlearning methods with their parameters")
+
+    verify = sub.add_parser("verify", help="check every cached artifact against its manifest's checksums")
+    verify.add_argument("--artifacts", default="artifacts", help="artifact root (default: ./artifacts)")
+    verify.add_argument("--fix", action="store_true", help="remove corrupt or incomplete entries, stale temp folders")
+    verify.add_argument("--json", action="store_true")
+
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
     serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
@@ -117,13 +131,55 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"  {row['name']:<11} {row['state']:<10} {row['fingerprint']}  {row['path']}")
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve}
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from pipeline.sweep import grid_points, parse_grid, summary_table, sweep_flow
+
+    for point in grid_points(parse_grid(args.grid)):  # fail fast on any bad grid value
+        load_config(args.preset, args.config_file, [*args.overrides, *(f"{k}={v}" for k, v in point.items())])
+    result = sweep_flow(grid=args.grid, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
+                        seeds_key=args.seeds_key, config_file=args.config_file)
+    if args.json:
+        print(json.dumps({"path": result["path"], "summary": result["summary"]}))
+        return
+    print(summary_table(result["summary"]))
+    print(f"\nsweep results: {result['path']}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from stages.unlearn import METHODS
+
+    for spec in METHODS.values():
+        params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
+        needs = ", ".join(filter(None, ["selective mask" if spec.selective else "",
+                                        f"reference log-probs ({'+'.join(spec.reference)})" if spec.reference else ""]))
+        print(f"  {spec.name:<9} {params:<32} {needs}")
+    print("\n  every method also takes unlearn.alpha (retain-loss weight), unlearn.lr and unlearn.epochs")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.cache import ArtifactCache
+
+    report = ArtifactCache(args.artifacts).verify_all(ORDER, fix=args.fix)
+    bad = [r for r in report if not r["ok"]]
+    if args.json:
+        print(json.dumps({"entries": report}))
+    else:
+        for r in bad:
+            action = "removed" if r["removed"] else "corrupt"
+            print(f"  {action}: {r['stage']}/{r['fingerprint']}: {r['problems'][0]}")
+        removed = f", {len(bad)} removed" if args.fix and bad else ""
+        print(f"{len(report) - len(bad)} of {len(report)} artifacts verified{removed}")
+    return 1 if bad and not args.fix else 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve, "sweep": cmd_sweep,
+            "methods": cmd_methods, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("sunlearn: interrupted", file=sys.stderr)
         return 130
@@ -132,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sunlearn: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    return 0
+    return code or 0
 
 
 def _one_line(exc: BaseException) -> str:

@@ -54,8 +54,10 @@ def stage_task(name: str, cfg: Config, artifacts: str, force: bool = False) -> A
     inputs = {}
     for up in spec.upstream:
         upstream_entry = cache.entry(up, fps[up]["fingerprint"])
-        if not upstream_entry.is_complete():
-            raise CacheError(f"{name}: upstream artifact {up} ({upstream_entry.path}) is missing; run it first")
+        problems = upstream_entry.verify(full=False)
+        if problems:
+            raise CacheError(f"{name}: upstream {up} artifact is unusable ({problems[0]}); "
+                             "run `sunlearn verify --fix` and run again")
         inputs[up] = upstream_entry.path
     start = time.time()
     with cache.lock(entry):

@@ -89,6 +89,18 @@ def sweep_flow(
     return {"path": str(out), "points": points, "rows": rows, "summary": summary_frame.to_dicts()}
 
 
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The sweep summary as aligned text: one line per (metric, grid point, model)."""
+    if not rows:
+        return "(no metrics)"
+    cols = list(rows[0])
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
 def _markdown(frame: pl.DataFrame) -> str:
     cols = frame.columns
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

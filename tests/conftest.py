@@ -6,7 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.env import configure_environment
+
+configure_environment()  # DS_ACCELERATOR, extension cache, Prefect settings: as the CLI sets them
+
+from pipeline.config import Config, load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for every test that runs a real flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

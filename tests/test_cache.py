@@ -49,3 +49,18 @@ def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
     cache.build(cache.entry("masks", "abc"), lambda tmp: None, {})
     assert not stale.exists()
     assert live.exists()
+
+
+def test_quick_verify_catches_changed_files_and_verify_all_fixes(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    entry = cache.entry("scores", "f00")
+    cache.build(entry, lambda tmp: (tmp / "token_scores.parquet").write_bytes(b"x" * 100), {})
+    assert entry.verify(full=False) == []
+    target = entry.path / "token_scores.parquet"
+    target.write_bytes(b"y" * 100)  # same size, new mtime: the quick check re-hashes it
+    assert "checksum mismatch" in entry.verify(full=False)[0]
+    incomplete = tmp_path / "scores" / "0ddba11"
+    incomplete.mkdir()
+    report = cache.verify_all(["scores"], fix=True)
+    assert {r["fingerprint"]: r["removed"] for r in report} == {"0ddba11": True, "f00": True}
+    assert not entry.path.exists() and not incomplete.exists()
