@@ -134,9 +134,12 @@ def collate(split: Split, rows: np.ndarray, pad_id: int) -> Batch:
 
 
 def schedule(
-    n_forget: int, n_retain: int, batch_size: int, epochs: int, seed: int
+    n_forget: int, n_retain: int, batch_size: int, epochs: int, seed: int, min_rows: int = 1
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(epoch, forget rows, retain rows) per micro step: forget reshuffled per epoch, retain cycled in a fixed order."""
+    """(epoch, forget rows, retain rows) per micro step: forget reshuffled per epoch, retain cycled in a fixed order.
+
+    A last batch of an epoch with fewer than `min_rows` rows (one per process) is dropped.
+    """
     rng = np.random.default_rng(seed)
     retain_order = rng.permutation(n_retain)
     plan, cursor = [], 0
@@ -144,6 +147,8 @@ def schedule(
         order = rng.permutation(n_forget)
         for lo in range(0, n_forget, batch_size):
             forget_rows = order[lo : lo + batch_size]
+            if len(forget_rows) < min_rows:
+                continue
             retain_rows = retain_order[(cursor + np.arange(len(forget_rows))) % n_retain]
             cursor += len(forget_rows)
             plan.append((epoch, forget_rows, retain_rows))

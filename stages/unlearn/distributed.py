@@ -1,4 +1,4 @@
-"""The torch.distributed environment DeepSpeed expects, set up once per process.
+"""The torch.distributed environment DeepSpeed expects, set up once per process, and the torchrun launcher.
 
 A launcher (torchrun) sets RANK/WORLD_SIZE/MASTER_*; a plain `sunlearn run` sets nothing, so we fill in a world of
 one on a free port. Without these variables DeepSpeed falls back to MPI discovery.
@@ -6,10 +6,15 @@ one on a free port. Without these variables DeepSpeed falls back to MPI discover
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,3 +44,34 @@ def init_distributed() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def world_size() -> int:
+    """The size of the world this process belongs to (1 when no launcher started it)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch(config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int) -> dict[str, Any]:
+    """Run stages.unlearn.worker in `num_procs` processes under torchrun; returns rank 0's stats.
+
+    A worker's UnlearnDiverged comes back as the same exception here, with the worker's message.
+    """
+    from stages.unlearn.loop import UnlearnDiverged
+
+    with tempfile.TemporaryDirectory(prefix="sunlearn-unlearn-") as tmp:
+        job = Path(tmp)
+        (job / "config.json").write_text(json.dumps(config))
+        (job / "inputs.json").write_text(json.dumps({k: str(v) for k, v in inputs.items()}))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}"]
+        cmd += ["-m", "stages.unlearn.worker", str(job), str(out)]
+        own = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in os.environ.items() if k not in own}  # torchrun sets these for its workers
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        code = subprocess.run(cmd, env=env, cwd=REPO).returncode
+        if (job / "diverged.txt").is_file():
+            raise UnlearnDiverged((job / "diverged.txt").read_text())
+        if code != 0:
+            raise RuntimeError(f"unlearn: torchrun with {num_procs} processes exited with {code}; see its output above")
+        return json.loads((job / "stats.json").read_text())

@@ -21,7 +21,7 @@ from pipeline.config import Config, UnlearnConfig
 from schemas import REF_LOGPROBS, TRAIN_LOG, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
-from stages.unlearn.distributed import init_distributed
+from stages.unlearn.distributed import init_distributed, launch, world_size
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
 from stages.unlearn.reference import Reference, reference_table
 
@@ -45,6 +45,8 @@ def unlearn(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     """Unlearn with every method of cfg.unlearn.methods; writes out/<method>/, train_log and ref_logprobs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.unlearn.num_procs > 1 and world_size() != cfg.unlearn.num_procs:
+        return launch(cfg.to_dict(), inputs, out, cfg.unlearn.num_procs)
     rank, _ = init_distributed()
     specs = [METHODS[name] for name in cfg.unlearn.methods]
     data = load_data(cfg, inputs, specs, out, rank)
@@ -102,7 +104,7 @@ def train_method(
     model = load_model(target_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(u, world))
-    plan = schedule(len(data.forget), len(data.retain), u.batch_size, u.epochs, u.seed)
+    plan = schedule(len(data.forget), len(data.retain), u.batch_size, u.epochs, u.seed, min_rows=world)
     plan = plan[: len(plan) // u.grad_accum * u.grad_accum]  # only whole optimizer steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

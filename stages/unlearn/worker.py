@@ -1,0 +1,40 @@
+"""One process of a multi-process unlearn run: `python -m torch.distributed.run ... -m stages.unlearn.worker JOB OUT`.
+
+JOB holds config.json and inputs.json written by distributed.launch; rank 0 writes stats.json (or diverged.txt) back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import Config
+from stages.unlearn.loop import UnlearnDiverged, unlearn
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = Config()
+    for section, values in tree.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def main(job: Path, out: Path) -> None:
+    import torch
+
+    cfg = config_from_dict(json.loads((job / "config.json").read_text()))
+    inputs = {k: Path(v) for k, v in json.loads((job / "inputs.json").read_text()).items()}
+    try:
+        stats = unlearn(cfg, inputs, out)
+    except UnlearnDiverged as exc:  # every rank takes the same decision; one reports it
+        if torch.distributed.get_rank() == 0:
+            (job / "diverged.txt").write_text(str(exc))
+        sys.exit(1)
+    if torch.distributed.get_rank() == 0:
+        (job / "stats.json").write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
