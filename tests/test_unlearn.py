@@ -117,6 +117,17 @@ def test_method_raises_the_forget_nll(tiny, tmp_path, name):
     assert forget_nll(tmp_path / name, data.forget) > 1.5 * forget_nll(path, data.forget)  # the target's is ~0.005
 
 
+def test_zero3_gathers_the_full_model_before_saving(tiny, tmp_path):
+    """ZeRO-3 shards every parameter; the saved model must still be whole and equal to the ZeRO-0 result."""
+    path, data = tiny
+    for stage in (0, 3):
+        u = UnlearnConfig(lr=1e-3, epochs=1, batch_size=2, zero_stage=stage)
+        train_method(u, METHODS["su_npo"], data, path, tmp_path / f"zero{stage}")
+    a, b = (load_file(tmp_path / f"zero{stage}" / "su_npo" / "model.safetensors") for stage in (0, 3))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_divergence_guard_names_the_fix_and_writes_no_model(tiny, tmp_path):
     path, data = tiny
     u = UnlearnConfig(methods=["ga"], lr=3e-3, epochs=1, batch_size=2, max_forget_loss=1e-3)
