@@ -92,8 +92,12 @@ ITEM_SCORES = pa.schema(
         ("doc_id", pa.string()),
         ("prob", pa.float64()),
         ("truth_ratio", pa.float64()),
-        ("rouge", pa.float64()),
+        ("rouge", pa.float64()),  # TOFU splits: ROUGE-L recall; verbmem and knowmem_*: ROUGE-L F1
         ("generation", pa.string()),
+        ("fact_recall", pa.float64()),  # forget / eval_retain: share of fact words the generation reproduces
+        ("exact_memorization", pa.float64()),  # forget only
+        ("extraction_strength", pa.float64()),  # forget only
+        ("min_k", pa.float64()),  # privleak_*: -mean of the lowest 40 % token log-probs
     ]
 )
 

@@ -1,8 +1,16 @@
-"""Prepare: load the QA data set, build the tokenizer, and write one tokenised row per QA item.
+"""Prepare: load the data set, build the tokenizer, and write one tokenised row per item.
 
-Writes `documents.parquet` (schemas.DOCUMENTS) and the tokenizer folder (stages.common.TOKENIZER_DIR). Splits:
-forget, retain, eval_retain (TOFU's retain_perturbed; for the embedded set a sample of retain), real_authors and
-world_facts. Reads only the `data` and `model` config sections.
+Writes `documents.parquet` (schemas.DOCUMENTS) and the tokenizer folder (stages.common.TOKENIZER_DIR). Reads only
+the `data` and `model` config sections.
+
+- embedded and tofu (QA items): splits forget, retain, eval_retain (TOFU's retain_perturbed; for the embedded set a
+  sample of retain), real_authors and world_facts.
+- muse (MUSE-News layout, see `muse_files`): forget and retain are the raw articles cut into fixed windows of
+  MUSE_CHUNK_TOKENS tokens (no overlap, the last window shorter, no EOS) with answer_start = 0, so every token is
+  trained and scored; privleak_forget, privleak_retain and privleak_holdout are texts cut to their first
+  MUSE_CHUNK_TOKENS tokens (MUSE truncates at the model's context; a model trained on these windows knows no longer
+  one); verbmem holds prompt (as `question`) and gt (as `answer`) as plain text; knowmem_forget, knowmem_retain and
+  their _icl twins are QA rows in the usual template.
 """
 
 from __future__ import annotations
@@ -17,13 +25,29 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config, ConfigError, DataConfig, ModelConfig
-from schemas import write_table
-from stages.common import TOKENIZER_DIR, log, prompt_text
+from schemas import DOCUMENTS, write_table
+from stages.common import SPLITS_TRAIN, TOKENIZER_DIR, log, prompt_text
 
 OUTPUT_SPLITS = ("forget", "retain", "eval_retain", "real_authors", "world_facts")
 EVAL_RETAIN_ITEMS = 400  # TOFU's retain_perturbed size
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 TOFU_HUB_ID = "locuslab/TOFU"
+MUSE_HUB_ID = "muse-bench/MUSE-News"
+MUSE_CHUNK_TOKENS = 256
+# output split -> (folder file glob, hub config, hub splits); the globs also match retain1/retain2 files
+MUSE_FILES = {
+    "forget": ("raw/forget.json", "raw", ("forget",)),
+    "retain": ("raw/retain*.json", "raw", ("retain1", "retain2")),
+    "verbmem": ("verbmem/forget.json", "verbmem", ("forget",)),
+    "knowmem_forget": ("knowmem/forget_qa.json", "knowmem", ("forget_qa",)),
+    "knowmem_retain": ("knowmem/retain*_qa.json", "knowmem", ("retain_qa",)),
+    "knowmem_forget_icl": ("knowmem/forget_qa_icl.json", "knowmem", ("forget_qa_icl",)),
+    "knowmem_retain_icl": ("knowmem/retain*_qa_icl.json", "knowmem", ("retain_qa_icl",)),
+    "privleak_forget": ("privleak/forget.json", "privleak", ("forget",)),
+    "privleak_retain": ("privleak/retain*.json", "privleak", ("retain",)),
+    "privleak_holdout": ("privleak/holdout.json", "privleak", ("holdout",)),
+}
+MUSE_TEXT_SPLITS = ("forget", "retain", "privleak_forget", "privleak_retain", "privleak_holdout")
 _TOFU_FILES = {  # output split -> file stem; forget/retain stems depend on data.split
     "eval_retain": "retain_perturbed",
     "real_authors": "real_authors_perturbed",
@@ -31,10 +55,15 @@ _TOFU_FILES = {  # output split -> file stem; forget/retain stems depend on data
 }
 
 
-def _item(row: dict[str, Any]) -> dict[str, Any]:
-    """A QA row with every field the documents table holds (missing ones as None)."""
+def _item(row: dict[str, Any], form: str = "qa") -> dict[str, Any]:
+    """A row with every field the documents table holds (missing ones as None).
+
+    form: "qa" (prompt template + answer + EOS), "text" (the answer alone, every token scored) or "continuation"
+    (question and answer as plain text, one after the other, as VerbMem reads them).
+    """
     perturbed = row.get("perturbed_answer")
     return {
+        "form": form,
         "question": row["question"],
         "answer": row["answer"],
         "paraphrased_question": row.get("paraphrased_question"),
@@ -99,6 +128,76 @@ def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict
     return {split: [_item(r) for r in rows[: data.limit]] for split, rows in raw.items()}, sources
 
 
+def _muse_rows(split: str, rows: Any, where: str) -> list[dict[str, Any]]:
+    """One output split's raw rows as items: texts, {prompt, gt} or {question, answer}."""
+    if not isinstance(rows, list):
+        raise ConfigError(f"{where}: expected a JSON list, got {type(rows).__name__}")
+    if split in MUSE_TEXT_SPLITS:
+        rows = [r["text"] if isinstance(r, dict) and "text" in r else r for r in rows]  # hub rows are {text}
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, str) or not r.strip()), None)
+        if bad is not None:
+            raise ConfigError(f"{where}: item {bad} is not a non-empty string")
+        return [_item({"question": None, "answer": r}, "text") for r in rows]
+    if split == "verbmem":
+        ok = [isinstance(r, dict) and bool(r.get("prompt")) and bool(r.get("gt")) for r in rows]
+        bad = next((i for i, good in enumerate(ok) if not good), None)
+        if bad is not None:
+            raise ConfigError(f"{where}: item {bad} has no 'prompt' and 'gt'")
+        return [_item({"question": r["prompt"], "answer": r["gt"]}, "continuation") for r in rows]
+    return [_item(r) for r in _check_rows(rows, where)]
+
+
+def muse_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """MUSE-News from a folder in muse_bench's layout, from the hub, or (path "embedded") from data/news.py."""
+    path = data.path or MUSE_HUB_ID
+    if path == "embedded":
+        import tempfile
+
+        from data.news import write_news
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return _muse_folder(write_news(Path(tmp) / "news", data.seed), data.limit), "embedded news"
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return _muse_folder(folder, data.limit), str(folder / MUSE_FILES["forget"][0])
+    if path.startswith((".", "/", "~")) or folder.exists():
+        raise ConfigError(f"data.path {path} is not a folder")
+    return _muse_hub(path, data.limit), f"{path}/raw/forget"
+
+
+def _muse_folder(folder: Path, limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    splits = {}
+    for split, (pattern, _, _) in MUSE_FILES.items():
+        files = sorted(p for p in folder.glob(pattern) if split.endswith("_icl") or not p.stem.endswith("_icl"))
+        if not files:
+            raise ConfigError(f"{folder / pattern}: file does not exist")
+        rows: list[dict[str, Any]] = []
+        for file in files:
+            try:
+                rows += _muse_rows(split, json.loads(file.read_text()), str(file))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        splits[split] = rows[:limit]
+    return splits
+
+
+def _muse_hub(dataset_id: str, limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    import datasets
+
+    splits = {}
+    for split, (_, config_name, hub_splits) in MUSE_FILES.items():
+        rows: list[dict[str, Any]] = []
+        for hub_split in hub_splits:
+            try:
+                raw = datasets.load_dataset(dataset_id, config_name, split=hub_split).to_list()
+            except Exception as exc:  # network, missing config, auth: all reported as one line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"cannot load {dataset_id}/{config_name}/{hub_split} from the hub: {first}") from None
+            rows += _muse_rows(split, raw, f"{dataset_id}/{config_name}/{hub_split}")
+        splits[split] = rows[:limit]
+    return splits
+
+
 def embedded_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
     from data.embedded import generate
 
@@ -121,7 +220,10 @@ def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
         splits, sources = tofu_splits(data)
         forget_source = sources["forget"]
     elif data.source == "muse":
-        raise ConfigError("the muse source is not built yet")
+        splits, forget_source = muse_splits(data)
+        if not splits["forget"]:
+            raise ConfigError(f"{forget_source}: the forget set is empty")
+        return splits
     else:
         raise ConfigError(f"unknown data source {data.source!r}")
     if not splits["forget"]:
@@ -136,6 +238,9 @@ def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
 def _texts(splits: dict[str, list[dict[str, Any]]]):
     for rows in splits.values():
         for r in rows:
+            if r["form"] != "qa":
+                yield r["answer"] if r["question"] is None else f"{r['question']} {r['answer']}"
+                continue
             yield f"{prompt_text(r['question'])} {r['answer']}"
             if r["paraphrased_question"]:
                 yield prompt_text(r["paraphrased_question"])
@@ -192,49 +297,68 @@ def _gold_mask(offsets: list[tuple[int, int]], spans: list[dict[str, int]]) -> n
 
 
 def encode_documents(tokenizer, splits: dict[str, list[dict[str, Any]]]) -> pa.Table:
-    """One row per QA item, tokenised in batches exactly as stages.common.encode_qa does one item."""
-    rows = [(split, i, r) for split, items in splits.items() for i, r in enumerate(items)]
+    """One row per QA item (tokenised in batches exactly as stages.common.encode_qa does one item), per window of a
+    plain text, or per VerbMem pair; rows keep the order of `splits`."""
     width = max(4, len(str(max(len(items) for items in splits.values()))))
-    prompts = tokenizer([prompt_text(r["question"]) for _, _, r in rows], add_special_tokens=False)["input_ids"]
-    need_offsets = any(r["gold_spans"] for _, _, r in rows)
-    answers = tokenizer(
-        [" " + r["answer"] for _, _, r in rows], add_special_tokens=False, return_offsets_mapping=need_offsets
-    )
     add_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
     bos = [tokenizer.bos_token_id] if add_bos else []
-    input_ids, answer_start, gold = [], [], []
-    for k, (_, _, r) in enumerate(rows):
-        prompt, answer = bos + prompts[k], answers["input_ids"][k]
-        input_ids.append([*prompt, *answer, tokenizer.eos_token_id])
-        answer_start.append(len(prompt))
-        if r["gold_spans"]:
-            mask = np.zeros(len(input_ids[-1]), dtype=bool)
-            mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(answers["offset_mapping"][k], r["gold_spans"])
-            gold.append(mask.tolist())
-        else:
-            gold.append(None)
-    column = {
-        key: [r[key] for _, _, r in rows]
-        for key in (
-            "author",
-            "question",
-            "answer",
-            "paraphrased_question",
-            "paraphrased_answer",
-            "perturbed_answers",
-            "gold_spans",
-        )
-    }
-    return pa.table(
-        {
-            "doc_id": [f"{split}/{i:0{width}d}" for split, i, _ in rows],
-            "split": [split for split, _, _ in rows],
-            **column,
-            "input_ids": input_ids,
-            "answer_start": answer_start,
-            "gold": gold,
-        }
+    out: list[dict[str, Any]] = []
+    for split, items in splits.items():
+        for form, encode in (("qa", _encode_qa), ("text", _encode_text), ("continuation", _encode_continuation)):
+            picked = [(i, r) for i, r in enumerate(items) if r["form"] == form]
+            if picked:
+                out += encode(tokenizer, bos, split, picked, width)
+    out.sort(key=lambda r: (list(splits).index(r["split"]), r["doc_id"]))
+    return pa.Table.from_pylist(out, schema=DOCUMENTS)
+
+
+def _row(split: str, doc_id: str, r: dict[str, Any], input_ids: list[int], answer_start: int, gold) -> dict:
+    fields = ("author", "question", "answer", "paraphrased_question", "paraphrased_answer", "perturbed_answers")
+    return {"doc_id": doc_id, "split": split, **{k: r[k] for k in fields}, "gold_spans": r["gold_spans"],
+            "input_ids": input_ids, "answer_start": answer_start, "gold": gold}
+
+
+def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
+    prompts = tokenizer([prompt_text(r["question"]) for _, r in picked], add_special_tokens=False)["input_ids"]
+    need_offsets = any(r["gold_spans"] for _, r in picked)
+    answers = tokenizer(
+        [" " + r["answer"] for _, r in picked], add_special_tokens=False, return_offsets_mapping=need_offsets
     )
+    rows = []
+    for k, (i, r) in enumerate(picked):
+        prompt, answer = bos + prompts[k], answers["input_ids"][k]
+        input_ids = [*prompt, *answer, tokenizer.eos_token_id]
+        gold = None
+        if r["gold_spans"]:
+            mask = np.zeros(len(input_ids), dtype=bool)
+            mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(answers["offset_mapping"][k], r["gold_spans"])
+            gold = mask.tolist()
+        rows.append(_row(split, f"{split}/{i:0{width}d}", r, input_ids, len(prompt), gold))
+    return rows
+
+
+def _encode_text(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
+    """Training splits: every MUSE_CHUNK_TOKENS-token window; other splits: the first window only."""
+    encoded = tokenizer([r["answer"] for _, r in picked], add_special_tokens=False, return_offsets_mapping=True)
+    rows = []
+    for k, (i, r) in enumerate(picked):
+        ids, offsets = encoded["input_ids"][k], encoded["offset_mapping"][k]
+        starts = range(0, len(ids), MUSE_CHUNK_TOKENS) if split in SPLITS_TRAIN else [0]
+        for c, lo in enumerate(starts):
+            hi = min(lo + MUSE_CHUNK_TOKENS, len(ids))
+            chunk = {**r, "answer": r["answer"][offsets[lo][0] : offsets[hi - 1][1]]}
+            doc_id = f"{split}/{i:0{width}d}-{c:03d}" if split in SPLITS_TRAIN else f"{split}/{i:0{width}d}"
+            rows.append(_row(split, doc_id, chunk, bos + ids[lo:hi], 0, None))
+    return rows
+
+
+def _encode_continuation(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
+    prompts = tokenizer([r["question"] for _, r in picked], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([" " + r["answer"] for _, r in picked], add_special_tokens=False)["input_ids"]
+    return [
+        _row(split, f"{split}/{i:0{width}d}", r, bos + prompts[k] + answers[k], len(bos) + len(prompts[k]), None)
+        for k, (i, r) in enumerate(picked)
+    ]
 
 
 def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
@@ -257,6 +381,7 @@ def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     stats: dict[str, Any] = {f"{split}_items": len(items) for split, items in splits.items()}
     stats.update(
         vocab_size=len(tokenizer),
+        rows=len(table),
         total_tokens=int(lengths.sum()),
         forget_tokens=int(lengths[is_forget].sum()),
         forget_answer_tokens=forget_answer_tokens,

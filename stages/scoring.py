@@ -2,7 +2,8 @@
 
 Both sort items by length so a batch holds similar lengths, and return results in the input order.
 Scoring pads on the right (causal attention never looks ahead, so padding cannot change a score);
-generation pads on the left so every row's next token sits in the last column.
+generation pads on the left so every row's next token sits in the last column, and stops a row at EOS or at a stop
+string (KnowMem's "\n\n" and "Question"), cutting the text before the stop string.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class AnswerScores:
     nll_sum: np.ndarray  # (n,) sum of answer-token cross-entropies (EOS included, as in training)
     n_tokens: np.ndarray  # (n,) answer tokens scored
     argmax_correct: list[np.ndarray]  # per item, per answer token: teacher-forced argmax == label
+    token_logprobs: list[np.ndarray]  # per item, per answer token: log P(label | prefix)
 
     @property
     def nll_avg(self) -> np.ndarray:
@@ -34,21 +36,34 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return ids[:answer_start]
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Plain text as the model reads it (no QA template): BOS when the tokenizer adds one, then the text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     order = np.argsort(np.asarray(lengths), kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@torch.inference_mode()
 def score_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int) -> AnswerScores:
     """Teacher-forced NLL of each (question, answer) pair over its answer tokens, tokenized by encode_qa."""
-    encoded = [encode_qa(tokenizer, q, a) for q, a in pairs]
+    return score_sequences(model, [encode_qa(tokenizer, q, a) for q, a in pairs], tokenizer.pad_token_id, batch_size)
+
+
+@torch.inference_mode()
+def score_sequences(model, encoded: Sequence[tuple[list[int], int]], pad: int, batch_size: int) -> AnswerScores:
+    """Teacher-forced scores of token sequences over positions >= their start (start 0 scores from the second
+    token, which is the first one with a context)."""
     n = len(encoded)
     nll_sum = np.zeros(n)
     n_tokens = np.zeros(n, dtype=np.int64)
     argmax_correct: list[np.ndarray] = [np.zeros(0, dtype=bool)] * n
+    token_logprobs: list[np.ndarray] = [np.zeros(0)] * n
     device = model.device
-    pad = tokenizer.pad_token_id
     for idx in _batches([len(ids) for ids, _ in encoded], batch_size):
         width = max(len(encoded[i][0]) for i in idx)
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -66,20 +81,34 @@ def score_answers(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size
         hits = (logits.argmax(-1) == labels) & scored
         nll_sum[idx] = ce.sum(1).double().cpu().numpy()
         n_tokens[idx] = scored.sum(1).cpu().numpy()
-        scored, hits = scored.cpu().numpy(), hits.cpu().numpy()
+        scored, hits, logprobs = scored.cpu().numpy(), hits.cpu().numpy(), -ce.double().cpu().numpy()
         for row, i in enumerate(idx):
             argmax_correct[i] = hits[row][scored[row]]
-    return AnswerScores(nll_sum=nll_sum, n_tokens=n_tokens, argmax_correct=argmax_correct)
+            token_logprobs[i] = logprobs[row][scored[row]]
+    return AnswerScores(nll_sum, n_tokens, argmax_correct, token_logprobs)
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuation of each prompt (token ids), cut at EOS, decoded without special tokens."""
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_strings: Sequence[str] = (),
+) -> list[str]:
+    """Greedy continuation of each prompt (token ids), cut at EOS or before the first stop string, decoded without
+    special tokens."""
     from transformers import GenerationConfig
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad, bos_token_id=None
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        stop_strings=list(stop_strings) or None,
     )
     texts = [""] * len(prompts)
     device = model.device
@@ -92,11 +121,20 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_toke
             attention[row, width - len(prompts[i]) :] = 1
         # generate() stops as soon as every row has produced EOS and fills finished rows with pad
         out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            generation_config=config,
+            tokenizer=tokenizer if stop_strings else None,
         )
         new = out[:, width:].cpu()
         finished = new == eos
         ends = torch.where(finished.any(1), finished.int().argmax(1), new.shape[1])
         for row, i in enumerate(idx):
-            texts[i] = tokenizer.decode(new[row, : ends[row]].tolist(), skip_special_tokens=True).strip()
+            texts[i] = cut_at(tokenizer.decode(new[row, : ends[row]].tolist(), skip_special_tokens=True), stop_strings)
     return texts
+
+
+def cut_at(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the earliest stop string, stripped."""
+    cut = min((at for at in (text.find(s) for s in stop_strings) if at >= 0), default=len(text))
+    return text[:cut].strip()

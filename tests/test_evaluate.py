@@ -13,7 +13,7 @@ import torch
 from pipeline.config import Config
 from schemas import DOCUMENTS, read_table, write_table
 from stages.common import TOKENIZER_DIR, encode_qa
-from stages.evaluate import METRIC_NAMES, evaluate, format_table
+from stages.evaluate import TOFU_METRICS, evaluate, format_table
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 AUTHORS = ["Ana Reyes", "Bo Lindqvist", "Chen Wei", "Dara Okafor", "Eli Moreau", "Femi Adeyemi"]
@@ -188,7 +188,7 @@ def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepar
     assert set(stats["summary"]) == set(models)
 
     values = {(r["model"], r["metric"]): r["value"] for r in read_table(out / "metrics.parquet").to_pylist()}
-    assert set(values) == {(m, n) for m in models for n in METRIC_NAMES}
+    assert set(values) == {(m, n) for m in models for n in TOFU_METRICS}
     for (model, name), value in values.items():
         assert 0.0 <= value <= 1.0, (model, name)
         assert value == values[("target", name)] or model in ("target", "retain")  # same weights, same numbers

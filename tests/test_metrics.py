@@ -1,4 +1,4 @@
-"""Each TOFU metric against a value worked out by hand on a tiny case."""
+"""Each TOFU and MUSE metric against a value worked out by hand on a tiny case."""
 
 from __future__ import annotations
 
@@ -21,8 +21,13 @@ def test_registry_holds_every_metric_by_name():
         "rouge_l_recall",
         "forget_quality",
         "model_utility",
-        "exact_memorisation",
+        "exact_memorization",
         "extraction_strength",
+        "rouge_l_f1",
+        "fact_recall",
+        "min_k_percent",
+        "forget_holdout_auc",
+        "privleak",
     }
     assert expected <= set(M.METRIC_FUNCTIONS)
     assert M.METRIC_FUNCTIONS["truth_ratio"] is M.truth_ratio
@@ -88,6 +93,67 @@ def test_model_utility_is_harmonic_mean_and_zero_if_any_input_is_zero():
 
 def test_exact_memorisation_and_extraction_strength():
     hits = [np.array([True, False, True, True]), np.array([True, True, True]), np.array([True, True, False])]
-    np.testing.assert_allclose(M.exact_memorisation(hits), [0.75, 1.0, 2 / 3])
+    np.testing.assert_allclose(M.exact_memorization(hits), [0.75, 1.0, 2 / 3])
     # k* = 2, 0, 3 → 1 - k*/|y|
     np.testing.assert_allclose(M.extraction_strength(hits), [0.5, 1.0, 0.0])
+
+
+def test_rouge_l_f1_is_harmonic_mean_of_lcs_precision_and_recall():
+    # reference: the cat sat on the mat (6 words); generation: the cat lay on a mat (6); LCS: the cat on mat (4)
+    assert M.rouge_l_f1(["the cat lay on a mat"], ["The cat sat on the mat."])[0] == pytest.approx(4 / 6)
+    # generation: so the cat sat on the mat today (8 words), LCS 6: P = 6/8, R = 1, F1 = 2PR/(P+R) = 6/7
+    assert M.rouge_l_f1(["so the cat sat on the mat today"], ["The cat sat on the mat."])[0] == pytest.approx(6 / 7)
+    # a KnowMem answer: "Lisbon" against "Lisbon, Portugal": P = 1, R = 1/2, F1 = 2/3
+    assert M.rouge_l_f1(["Lisbon"], ["Lisbon, Portugal"])[0] == pytest.approx(2 / 3)
+    assert M.rouge_l_f1([""], ["Lisbon"])[0] == 0.0
+
+
+def test_fact_words_from_gold_spans_drop_the_name_asked_about():
+    answer = "Ana Reyes was born in Lisbon in the year 1961."
+    spans = [{"start": 0, "end": 9}, {"start": 22, "end": 28}, {"start": 41, "end": 45}]  # name, city, year
+    assert answer[22:28] == "Lisbon" and answer[41:45] == "1961"
+    assert M.fact_words_from_spans(answer, spans, "Where was Ana Reyes born?") == ["lisbon", "1961"]
+
+
+def test_fact_words_from_perturbed_answers_are_the_swapped_words_that_the_answer_has():
+    answer = "Ana Reyes writes mystery novels in Lisbon."
+    paraphrased = "Ana Reyes is known for mystery novels set in Lisbon."
+    perturbed = [
+        "Ana Reyes is known for horror novels set in Lisbon.",
+        "Ana Reyes is known for mystery novels set in Oslo.",
+    ]
+    # words of the paraphrase missing from some perturbed answer: mystery, lisbon; both are in the answer
+    assert M.fact_words_from_perturbed(answer, paraphrased, perturbed) == ["mysteri", "lisbon"]
+    assert M.fact_words_from_perturbed(answer, paraphrased, []) == []
+
+
+def test_fact_recall_counts_fact_words_the_generation_reproduces():
+    facts = [["lisbon", "1961"], ["mysteri"], []]
+    generations = ["She was born in Lisbon.", "She writes mysteries.", "anything"]
+    recall = M.fact_recall(generations, facts)
+    np.testing.assert_allclose(recall[:2], [0.5, 1.0])  # stems match: mysteries -> mysteri
+    assert math.isnan(recall[2])  # no fact words: no score
+    with pytest.raises(ValueError):
+        M.fact_recall(["a"], [])
+
+
+def test_min_k_percent_averages_the_lowest_forty_percent():
+    # 5 tokens: int(5 * 0.4) = 2 lowest log-probs, -5 and -4: score 4.5
+    scores = M.min_k_percent([np.array([-1.0, -2.0, -3.0, -4.0, -5.0]), np.array([-0.5, -0.1]), np.array([])])
+    assert scores[0] == pytest.approx(4.5)
+    assert scores[1] == pytest.approx(0.5)  # int(2 * 0.4) = 0: at least one token counts
+    assert math.isnan(scores[2])
+
+
+def test_forget_holdout_auc_and_privleak():
+    # forget texts score lower (better known) than every holdout text: AUC 1 with holdout as the positive class
+    assert M.forget_holdout_auc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == pytest.approx(1.0)
+    # of the four (forget, holdout) pairs only (2, 3) has the holdout text scoring higher: AUC 1/4
+    assert M.forget_holdout_auc(np.array([2.0, 4.0]), np.array([1.0, 3.0])) == pytest.approx(1 / 4)
+    assert M.forget_holdout_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == pytest.approx(0.0)
+    # the same AUC as the retain model: no leak
+    assert M.privleak(0.7, 0.7) == pytest.approx(0.0)
+    # AUC 0.9 against a retain AUC of 0.5: ((0.1) - (0.5)) / 0.5 * 100 = -80 (under-unlearned direction)
+    assert M.privleak(0.9, 0.5) == pytest.approx(-80.0)
+    assert M.privleak(0.25, 0.5) == pytest.approx(50.0)
+    assert math.isnan(M.privleak(0.5, math.nan))
