@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--fix", action="store_true", help="remove corrupt or incomplete entries, stale temp folders")
     verify.add_argument("--json", action="store_true")
 
+    report = sub.add_parser("report", help="rebuild results.md, pareto.png (every run under the root), selection.html")
+    _config_args(report)
+
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
     serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
@@ -172,8 +175,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad and not args.fix else 0
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from pipeline.cache import ArtifactCache
+    from pipeline.stages import fingerprints
+    from stages.reports import report_from_artifacts
+
+    cfg = load_config(args.preset, args.config_file, args.overrides)
+    cache = ArtifactCache(args.artifacts)
+    entry = cache.entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
+    if not entry.is_complete():
+        raise ConfigError(f"no evaluate artifact for this config at {entry.path}; run `sunlearn run` first")
+    out = cache.root / "reports" / entry.fingerprint
+    for name in report_from_artifacts(entry.path, cache.root, out):
+        print(out / name)
+
+
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve, "sweep": cmd_sweep,
-            "methods": cmd_methods, "verify": cmd_verify}
+            "methods": cmd_methods, "verify": cmd_verify, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

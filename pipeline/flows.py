@@ -17,6 +17,7 @@ from prefect.states import Completed  # noqa: E402
 
 from pipeline.cache import ArtifactCache, CacheError  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.stages import ORDER, STAGES, downstream, fingerprints, upstream_closure  # noqa: E402
 from schemas import read_table  # noqa: E402
 
@@ -93,6 +94,7 @@ def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str])
     metrics = _metrics(cfg, artifacts) if "evaluate" in stages else []
     if metrics:
         create_table_artifact(key="metrics", table=metrics, description="sunlearn metrics (model, metric, value)")
+        publish_reports(ArtifactCache(artifacts).entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"]).path)
     return {"stages": results, "metrics": metrics}
 
 
