@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 def configure_environment() -> None:
     defaults = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # the temporary server of a run without PREFECT_API_URL can take long to start on a busy 2-core machine
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "sunlearn",
         "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
         "TOKENIZERS_PARALLELISM": "false",

@@ -40,6 +40,10 @@ def init_distributed() -> tuple[int, int]:
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        if not cuda and os.environ.get("SUNLEARN_DS_SHM_COMM") != "1":
+            # DeepSpeed compiles a shared-memory allreduce op (1-2 min) on first use; gloo's allreduce serves the
+            # CPU path (tests, laptops) well enough. SUNLEARN_DS_SHM_COMM=1 builds it for multi-process CPU runs.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
