@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 from pipeline.env import configure_environment
@@ -15,29 +13,20 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from pipeline.cache import ArtifactCache, CacheError  # noqa: E402
+from pipeline.cache import ArtifactCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
-from pipeline.stages import ORDER, STAGES, downstream, fingerprints, upstream_closure  # noqa: E402
+from pipeline.runner import StageResult, materialize  # noqa: E402
+from pipeline.stages import ORDER, downstream, fingerprints, upstream_closure  # noqa: E402
 from schemas import read_table  # noqa: E402
 
 DEFAULT_ARTIFACTS = "artifacts"
 
 
-@dataclass
-class StageResult:
-    name: str
-    status: str  # "ran" | "cached"
-    seconds: float
-    path: str
-    fingerprint: str
-    stats: dict[str, Any]
-
-
-def _summary_markdown(result: StageResult, inputs: dict[str, Path]) -> str:
+def _summary_markdown(result: StageResult) -> str:
     lines = [f"# {result.name} ({result.status})", "", f"- fingerprint: `{result.fingerprint}`",
              f"- artifact: `{result.path}`", f"- seconds: {result.seconds:.1f}"]
-    lines += [f"- input `{name}`: `{path}`" for name, path in inputs.items()]
+    lines += [f"- input `{name}`: `{path}`" for name, path in result.inputs.items()]
     stats = {k: v for k, v in result.stats.items() if not isinstance(v, dict | list)}
     if stats:
         lines += ["", "| stat | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in stats.items()]]
@@ -46,39 +35,15 @@ def _summary_markdown(result: StageResult, inputs: dict[str, Path]) -> str:
 
 @task(name="stage", task_run_name="{name}", persist_result=False)
 def stage_task(name: str, cfg: Config, artifacts: str, force: bool = False) -> Any:
-    """Run one stage through the cache. Upstream artifacts must already be complete."""
-    logger = get_run_logger()
-    spec = STAGES[name]
-    fps = fingerprints(cfg)
-    cache = ArtifactCache(artifacts)
-    entry = cache.entry(name, fps[name]["fingerprint"])
-    inputs = {}
-    for up in spec.upstream:
-        upstream_entry = cache.entry(up, fps[up]["fingerprint"])
-        problems = upstream_entry.verify(full=False)
-        if problems:
-            raise CacheError(f"{name}: upstream {up} artifact is unusable ({problems[0]}); "
-                             "run `sunlearn verify --fix` and run again")
-        inputs[up] = upstream_entry.path
-    start = time.time()
-    with cache.lock(entry):
-        if entry.is_complete() and not force:
-            manifest = entry.manifest()
-            status = "cached"
-        else:
-            logger.info("%s: computing %s", name, entry.path)
-            meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
-                    "inputs": {k: str(v) for k, v in inputs.items()}}
-            manifest = cache.build(entry, lambda tmp: spec.function()(cfg, inputs, tmp), meta)
-            status = "ran"
-    result = StageResult(name, status, round(time.time() - start, 2), str(entry.path), entry.fingerprint,
-                         manifest.get("stats", {}))
-    logger.info("%s %s in %.1fs -> %s", name, status, result.seconds, entry.path)
-    create_markdown_artifact(key=f"{name}-summary", markdown=_summary_markdown(result, inputs),
+    """One stage through the cache; a reused stage ends in Prefect's Cached state."""
+    result = materialize(name, cfg, artifacts, force)
+    get_run_logger().info("%s %s in %.1fs -> %s", name, result.status, result.seconds, result.path)
+    create_markdown_artifact(key=f"{name}-summary", markdown=_summary_markdown(result),
                              description=f"sunlearn stage {name}")
-    if status == "cached":
-        return Completed(name="Cached", data=asdict(result), message=f"{name} reused from cache")
-    return asdict(result)
+    data = asdict(result)
+    if result.status == "cached":
+        return Completed(name="Cached", data=data, message=f"{name} reused from cache")
+    return data
 
 
 def _metrics(cfg: Config, artifacts: str) -> list[dict[str, Any]]:

@@ -1,0 +1,63 @@
+"""Materialise one stage through the cache: verify its inputs, reuse or compute it. No Prefect here.
+
+Prefect tasks (pipeline/flows.py) wrap this; scripts and benchmarks can call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import ArtifactCache, CacheError
+from pipeline.config import Config
+from pipeline.stages import STAGES, fingerprints, upstream_closure
+
+log = logging.getLogger("sunlearn")
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" | "cached"
+    seconds: float
+    path: str
+    fingerprint: str
+    stats: dict[str, Any]
+    inputs: dict[str, str]
+
+
+def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = False) -> StageResult:
+    """The stage's artifact, computed only when it is missing (or `force`). Upstream artifacts must be complete."""
+    spec = STAGES[name]
+    fps = fingerprints(cfg)
+    cache = ArtifactCache(artifacts)
+    entry = cache.entry(name, fps[name]["fingerprint"])
+    inputs: dict[str, Path] = {}
+    for up in spec.upstream:
+        upstream_entry = cache.entry(up, fps[up]["fingerprint"])
+        problems = upstream_entry.verify(full=False)
+        if problems:
+            raise CacheError(f"{name}: upstream {up} artifact is unusable ({problems[0]}); "
+                             "run `sunlearn verify --fix` and run again")
+        inputs[up] = upstream_entry.path
+    start = time.time()
+    with cache.lock(entry):
+        if entry.is_complete() and not force:
+            manifest = entry.manifest()
+            status = "cached"
+        else:
+            log.info("%s: computing %s", name, entry.path)
+            meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
+                    "inputs": {k: str(v) for k, v in inputs.items()}}
+            manifest = cache.build(entry, lambda tmp: spec.function()(cfg, inputs, tmp), meta)
+            status = "ran"
+    return StageResult(name, status, round(time.time() - start, 2), str(entry.path), entry.fingerprint,
+                       manifest.get("stats", {}), {k: str(v) for k, v in inputs.items()})
+
+
+def materialize_until(stage: str, cfg: Config, artifacts: str | Path) -> list[StageResult]:
+    """Every stage up to and including `stage`, reusing whatever is cached."""
+    return [materialize(name, cfg, artifacts) for name in upstream_closure(stage)]
