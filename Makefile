@@ -26,8 +26,11 @@ test: setup
 bench: setup
 	$(PY) -m bench $(ARGS)
 
+# `make serve DB=postgres` keeps the server's database in a local PostgreSQL (Debian's package, installed if missing)
+DB ?= sqlite
 serve: setup
-	$(VENV)/bin/sunlearn serve $(ARGS)
+	@if [ "$(DB)" = postgres ]; then bash .ci/system-deps postgresql; fi
+	$(VENV)/bin/sunlearn serve --db $(DB) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
