@@ -1,0 +1,122 @@
+"""Step cost: SU against GradDiff on the same batches, through the unlearn loop's own helpers.
+
+Two DeepSpeed engines start from the same weights (a tiny Llama of the target recipe); each step runs
+`stages.unlearn.loop.step_outputs`, the method's loss, backward and the optimizer step, exactly as the loop does.
+Steps alternate between the methods (and which goes first) so that load on the machine hits both alike. SU differs
+from GradDiff only in its forget mask, so the question is whether building that mask costs anything.
+
+Memory is the bytes autograd keeps for backward during one step (saved tensors, deduplicated by storage): the part
+of a step's peak that depends on the loss. On a GPU, the CUDA peak of each step is reported as well.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from bench.report import Result, Row
+from pipeline.config import TargetConfig, UnlearnConfig
+from stages.unlearn.data import Split, schedule
+from stages.unlearn.loop import Data, deepspeed_config, step_outputs
+from stages.unlearn.methods import METHODS
+
+STEP_VOCAB = 1024  # the embedded preset's tokenizer
+METHOD_NAMES = ("su", "graddiff")
+
+
+def synthetic_split(rng: np.random.Generator, n: int, selected_rate: float | None) -> Split:
+    lengths = rng.integers(60, 140, n)
+    ids = [rng.integers(3, STEP_VOCAB, k).astype(np.int64) for k in lengths]
+    starts = rng.integers(10, 30, n).astype(np.int64)
+    selected = None
+    if selected_rate is not None:
+        selected = [(rng.random(k) < selected_rate) & (np.arange(k) >= s) for k, s in zip(lengths, starts, strict=True)]
+    return Split([f"d{i}" for i in range(n)], ids, starts, selected)
+
+
+def build_engine(u: UnlearnConfig, t: TargetConfig):
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=STEP_VOCAB, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                         num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
+                         intermediate_size=t.intermediate_size, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(u, 1))
+    return engine
+
+
+def one_step(engine, name: str, data: Data, forget_rows, retain_rows, u: UnlearnConfig, saved: dict | None) -> float:
+    """Seconds of one full step; with `saved`, also records the bytes autograd keeps for backward."""
+    spec = METHODS[name]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    start = time.perf_counter()
+    if saved is None:
+        outputs, _, _ = step_outputs(engine, spec, data, forget_rows, retain_rows)
+        loss = spec(outputs, u.alpha)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs, _, _ = step_outputs(engine, spec, data, forget_rows, retain_rows)
+            loss = spec(outputs, u.alpha)
+    engine.backward(loss)
+    engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(steps: int, target: TargetConfig) -> Result:
+    from stages.unlearn.distributed import init_distributed
+
+    init_distributed()
+    u = UnlearnConfig()
+    rng = np.random.default_rng(0)
+    data = Data(synthetic_split(rng, 64, 0.25), synthetic_split(rng, 64, None), None, None, pad_id=0)
+    engines = {name: build_engine(u, target) for name in METHOD_NAMES}
+    plan = schedule(len(data.forget), len(data.retain), u.batch_size, steps // 8 + 2, u.seed)
+    warmup = 2
+    seconds: dict[str, list[float]] = {name: [] for name in METHOD_NAMES}
+    saved_bytes: dict[str, int] = {}
+    cuda_peak: dict[str, float] = {}
+    for i, (_, forget_rows, retain_rows) in enumerate(plan[: steps + warmup]):
+        for name in METHOD_NAMES if i % 2 == 0 else METHOD_NAMES[::-1]:
+            saved = {} if i == 0 else None
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = one_step(engines[name], name, data, forget_rows, retain_rows, u, saved)
+            if saved is not None:
+                saved_bytes[name] = sum(saved.values())
+            if torch.cuda.is_available():
+                cuda_peak[name] = max(cuda_peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+            if i >= warmup:
+                seconds[name].append(elapsed)
+    for engine in engines.values():
+        engine.destroy()
+    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    ratio = median["su"] / median["graddiff"]
+    memory_ratio = saved_bytes["su"] / saved_bytes["graddiff"]
+    result = Result("step")
+    measure = f"median of {steps} steps, batch {u.batch_size}, {target.num_layers}×{target.hidden_size} Llama"
+    result.rows = [
+        Row("SU vs GradDiff step time", measure, f"{median['su'] * 1e3:.1f} ms", f"{median['graddiff'] * 1e3:.1f} ms",
+            f"{ratio:.3f}×", "≤ 1.05×"),
+        Row("SU vs GradDiff step memory", "bytes saved for backward per step",
+            f"{saved_bytes['su'] / 2**20:.2f} MiB", f"{saved_bytes['graddiff'] / 2**20:.2f} MiB",
+            f"{memory_ratio:.3f}×", "≈ 1×"),
+    ]
+    result.ratios = {"su_vs_graddiff_step": ratio}
+    result.details = {"median_seconds": median, "mean_seconds": {k: float(np.mean(v)) for k, v in seconds.items()},
+                      "saved_bytes": saved_bytes, "memory_ratio": memory_ratio, "cuda_peak_mb": cuda_peak,
+                      "steps": steps, "batch_size": u.batch_size,
+                      "model": {"hidden_size": target.hidden_size, "layers": target.num_layers}}
+    return result
