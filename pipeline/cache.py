@@ -3,7 +3,8 @@
 Layout: `<root>/<stage>/<fingerprint>/` holding the stage's files and `manifest.json`. A stage writes into a
 temporary sibling folder; the manifest (with a checksum of every file) is written last and the folder is renamed
 into place, so a folder without a manifest never counts as complete. A file lock per fingerprint makes concurrent
-runs compute each artifact once.
+runs compute each artifact once. A stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`:
+it survives a killed run and goes once the artifact is published.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+SCRATCH_PREFIX = ".scratch-"
 STALE_TMP_SECONDS = 6 * 3600
 
 
@@ -103,6 +105,12 @@ class ArtifactCache:
     def entry(self, stage: str, fp: str) -> Entry:
         return Entry(stage, fp, self.root / stage / fp)
 
+    def scratch(self, entry: Entry) -> Path:
+        """A folder for the entry's resume state that outlives a killed run (use it under `lock`)."""
+        path = entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     @contextmanager
     def lock(self, entry: Entry) -> Iterator[None]:
         entry.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +147,7 @@ class ArtifactCache:
             if entry.path.exists():  # an incomplete leftover (no manifest): never trusted, replace it
                 shutil.rmtree(entry.path)
             os.rename(tmp, entry.path)
+            shutil.rmtree(entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}", ignore_errors=True)
             return manifest
         finally:
             if tmp.exists():

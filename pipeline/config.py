@@ -83,6 +83,8 @@ class UnlearnConfig:
     grad_accum: int = 1
     seed: int = 0
     max_forget_loss: float = 50.0  # stop with an error when the forget NLL passes this bound
+    checkpoint_every: int = 20  # optimizer steps between DeepSpeed checkpoints a killed run resumes from; 0: none
+    stop_forget_prob: float | None = None  # stop early once exp(-forget NLL) over all forget answers is <= this
 
 
 @dataclass
@@ -213,6 +215,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"assistants.splits must be full_retain or full_forget, got {cfg.assistants.splits!r}")
     if cfg.assistants.kind not in ("kenlm", "llm"):
         raise ConfigError(f"assistants.kind must be kenlm or llm, got {cfg.assistants.kind!r}")
+    if cfg.unlearn.checkpoint_every < 0:
+        raise ConfigError(f"unlearn.checkpoint_every must be >= 0 (0: off), got {cfg.unlearn.checkpoint_every}")
+    stop = cfg.unlearn.stop_forget_prob
+    if stop is not None and not 0.0 < stop < 1.0:
+        raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean token probability), got {stop}")
     if not cfg.unlearn.methods:
         raise ConfigError("unlearn.methods is empty")
     for method in cfg.unlearn.methods:

@@ -5,6 +5,7 @@ Prefect tasks (pipeline/flows.py) wrap this; scripts and benchmarks can call it 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             log.info("%s: computing %s", name, entry.path)
             meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
                     "inputs": {k: str(v) for k, v in inputs.items()}}
-            manifest = cache.build(entry, lambda tmp: spec.function()(cfg, inputs, tmp), meta)
+            function = spec.function()
+            # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill
+            extra = {"scratch": cache.scratch(entry)} if "scratch" in inspect.signature(function).parameters else {}
+            manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             status = "ran"
     return StageResult(name, status, round(time.time() - start, 2), str(entry.path), entry.fingerprint,
                        manifest.get("stats", {}), {k: str(v) for k, v in inputs.items()})

@@ -1,11 +1,18 @@
 """The one loop every method shares: a DeepSpeed engine per method, forget batches each paired with a retain batch,
 a divergence guard, and one train_log row per optimizer step. A method only supplies its loss (methods.py).
+
+Given a `scratch` folder (the cache's resume state, kept across a killed run) the loop saves a DeepSpeed checkpoint
+every unlearn.checkpoint_every steps and resumes from the newest one; a method that finished is reused whole.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
+import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +24,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from pipeline.cache import write_json_atomic
 from pipeline.config import Config, UnlearnConfig
 from schemas import REF_LOGPROBS, TRAIN_LOG, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
@@ -41,8 +49,11 @@ class Data:
     pad_id: int
 
 
-def unlearn(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Unlearn with every method of cfg.unlearn.methods; writes out/<method>/, train_log and ref_logprobs."""
+def unlearn(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None) -> dict[str, Any]:
+    """Unlearn with every method of cfg.unlearn.methods; writes out/<method>/, train_log and ref_logprobs.
+
+    `scratch` holds checkpoints and finished methods of an earlier, killed run of the same config.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.unlearn.num_procs > 1 and world_size() != cfg.unlearn.num_procs:
@@ -53,7 +64,8 @@ def unlearn(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     rows: list[dict] = []
     stats: dict[str, Any] = {}
     for spec in specs:
-        method_rows, stats[spec.name] = train_method(cfg.unlearn, spec, data, Path(inputs["target"]) / TARGET_DIR, out)
+        target = Path(inputs["target"]) / TARGET_DIR
+        method_rows, stats[spec.name] = train_method(cfg.unlearn, spec, data, target, out, scratch)
         rows.extend(method_rows)
     if rank == 0:
         write_table(pa.Table.from_pylist(rows, schema=TRAIN_LOG), out / "train_log.parquet")
@@ -95,11 +107,18 @@ def deepspeed_config(u: UnlearnConfig, world: int) -> dict[str, Any]:
 
 
 def train_method(
-    u: UnlearnConfig, spec: MethodSpec, data: Data, target_dir: Path, out: Path
+    u: UnlearnConfig, spec: MethodSpec, data: Data, target_dir: Path, out: Path, scratch: Path | None = None
 ) -> tuple[list[dict], dict[str, Any]]:
     import deepspeed
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    done = scratch / f"{spec.name}.done" if scratch is not None else None
+    if done is not None and (done / "result.json").is_file():  # finished before the run was killed
+        if rank == 0:
+            shutil.copytree(done / "model", out / spec.name, copy_function=os.link)
+        result = json.loads((done / "result.json").read_text())
+        log.info("unlearn %s: reusing the model a killed run finished", spec.name)
+        return result["rows"], {**result["stats"], "reused": True}
     seed_everything(u.seed)
     model = load_model(target_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr)
@@ -108,9 +127,14 @@ def train_method(
     plan = plan[: len(plan) // u.grad_accum * u.grad_accum]  # only whole optimizer steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    rows, window, peak, start = [], [], memory_mb(), time.perf_counter()
-    bar = tqdm(total=len(plan) // u.grad_accum, desc=spec.name, disable=rank != 0, leave=False)
+    checkpoints = scratch / spec.name if scratch is not None and u.checkpoint_every else None
+    first, rows = load_checkpoint(engine, checkpoints) if checkpoints is not None else (0, [])
+    window, peak, start, stopped, prob = [], memory_mb(), time.perf_counter(), None, None
+    offset = rows[-1]["seconds"] if rows else 0.0  # seconds of the killed run, so the log's clock continues
+    bar = tqdm(total=len(plan) // u.grad_accum, initial=len(rows), desc=spec.name, disable=rank != 0, leave=False)
     for micro, (epoch, forget_rows, retain_rows) in enumerate(plan):
+        if micro < first:
+            continue
         step = micro // u.grad_accum + 1
         outputs, forget_nll, retain_nll = step_outputs(
             engine, spec, data, forget_rows[rank::world], retain_rows[rank::world]
@@ -136,14 +160,23 @@ def train_method(
                     "forget_loss": forget_loss,
                     "retain_loss": retain_loss,
                     "lr": engine.get_lr()[0],
-                    "seconds": time.perf_counter() - start,
+                    "seconds": offset + time.perf_counter() - start,
                 }
             )
             peak = max(peak, memory_mb())
             bar.update()
             bar.set_postfix(forget=f"{forget_loss:.3f}", retain=f"{retain_loss:.3f}")
+            due = bool(u.checkpoint_every) and step % u.checkpoint_every == 0 and micro + 1 < len(plan)
+            epoch_end = micro + 1 == len(plan) or plan[micro + 1][0] != epoch
+            if u.stop_forget_prob is not None and (due or epoch_end):
+                prob = forget_prob(engine, data, u.batch_size)
+                if prob <= u.stop_forget_prob:
+                    stopped = step
+                    break
+            if due and checkpoints is not None:
+                save_checkpoint(engine, checkpoints, step, micro + 1, rows)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = offset + time.perf_counter() - start
     save_model(engine, u.zero_stage, out / spec.name, rank)
     engine.destroy()
     del engine, model, optimizer
@@ -156,9 +189,56 @@ def train_method(
         "seconds": seconds,
         "step_seconds": seconds / max(1, len(rows)),
         "peak_memory_mb": peak,
+        "resumed_from_step": first // u.grad_accum,
     }
+    if u.stop_forget_prob is not None:  # the last step always checks, so prob is that of the saved model
+        stats.update(stopped_at_step=stopped, forget_prob=prob)
     log.info("unlearn %s: %d steps, forget NLL %.3f, %.1fs", spec.name, len(rows), stats["forget_loss"], seconds)
+    if done is not None and rank == 0:  # a kill during a later method then reuses this one
+        shutil.rmtree(done, ignore_errors=True)
+        shutil.copytree(out / spec.name, done / "model", copy_function=os.link)
+        write_json_atomic(done / "result.json", {"rows": rows, "stats": stats})
+        shutil.rmtree(scratch / spec.name, ignore_errors=True)
     return rows, stats
+
+
+def save_checkpoint(engine, folder: Path, step: int, next_micro: int, rows: list[dict]) -> None:
+    """Weights, optimizer state, the position in the plan, the log so far and the RNG states; keeps only this one."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    engine.save_checkpoint(str(folder), tag=f"step{step}", client_state={"next_micro": next_micro, "rows": rows,
+                                                                        "rng": rng})
+    if torch.distributed.get_rank() == 0:  # DeepSpeed wrote `latest` last, so older tags are no longer needed
+        for old in folder.glob("step*"):
+            if old.name != f"step{step}":
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
+    """(first micro step to run, log rows so far) from the newest checkpoint in `folder`; (0, []) without one."""
+    latest = folder / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if not tag or not (folder / tag).is_dir():  # none yet, or a kill while DeepSpeed wrote `latest`
+        return 0, []
+    _, client = engine.load_checkpoint(str(folder), tag=tag)
+    random.setstate(client["rng"]["python"])
+    np.random.set_state(client["rng"]["numpy"])
+    torch.set_rng_state(client["rng"]["torch"])
+    log.info("unlearn: resuming from checkpoint %s", folder / tag)
+    return client["next_micro"], client["rows"]
+
+
+@torch.no_grad()
+def forget_prob(engine, data: Data, batch_size: int) -> float:
+    """exp(-mean NLL) over every forget answer token, teacher-forced: what unlearn.stop_forget_prob compares with."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for lo in range(0, len(data.forget), batch_size):
+        batch = collate(data.forget, np.arange(lo, min(lo + batch_size, len(data.forget))), data.pad_id)
+        ids = batch.input_ids.to(engine.device)
+        logp = token_logprobs(engine(input_ids=ids, attention_mask=batch.attention_mask.to(engine.device)).logits, ids)
+        mask = batch.answer_mask.to(engine.device)
+        total += (logp * mask).sum().double().cpu()
+        count += int(mask.sum())
+    return math.exp(float(total) / max(count, 1))
 
 
 def step_outputs(
