@@ -44,7 +44,10 @@ def _remote(root: str, entry: Entry) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def fetch(root: str | Path, entry: Entry) -> bool:
-    """Make `entry` complete locally if it is complete remotely; True when it is complete locally afterwards."""
+    """Make `entry` complete locally if it is complete remotely; True when it is complete locally afterwards.
+
+    Call it holding `ArtifactCache.lock(entry)`, as for a build: it replaces an incomplete local folder.
+    """
     if entry.is_complete() or not is_remote(root):
         return entry.is_complete()
     fs, remote = _remote(str(root), entry)

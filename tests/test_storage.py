@@ -28,7 +28,8 @@ def test_publish_then_fetch_on_another_node(tmp_path, scheme):
     storage.publish(root, entry)
 
     copy = node_b.entry("masks", "0123456789abcdef")
-    assert storage.fetch(root, copy) and copy.is_complete()
+    with node_b.lock(copy):
+        assert storage.fetch(root, copy) and copy.is_complete()
     assert copy.manifest() == manifest and copy.verify() == []
     assert not storage.fetch(root, node_b.entry("masks", "ffffffffffffffff"))
 
