@@ -101,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     load_config(args.preset, args.config_file, args.overrides)  # fail fast, before Prefect starts
     from pipeline.flows import pipeline_flow
 
+    _console_without_tracebacks(args.debug)
     summary = pipeline_flow(preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                             force=args.force, config_file=args.config_file)
     _print_summary(summary, args.json)
@@ -111,17 +112,18 @@ def cmd_stage(args: argparse.Namespace) -> None:
     load_config(args.preset, args.config_file, args.overrides)
     from pipeline.flows import stage_flow
 
+    _console_without_tracebacks(args.debug)
     summary = stage_flow(stage=args.name, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                          force=not args.if_missing, config_file=args.config_file)
     _print_summary(summary, args.json)
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from pipeline.cache import ArtifactCache
+    from pipeline import storage
     from pipeline.stages import fingerprints
 
     cfg = load_config(args.preset, args.config_file, args.overrides)
-    cache = ArtifactCache(args.artifacts)
+    cache = storage.local_cache(args.artifacts)
     rows = []
     for name, fp in fingerprints(cfg).items():
         entry = cache.entry(name, fp["fingerprint"])
@@ -139,6 +141,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     for point in grid_points(parse_grid(args.grid)):  # fail fast on any bad grid value
         load_config(args.preset, args.config_file, [*args.overrides, *(f"{k}={v}" for k, v in point.items())])
+    _console_without_tracebacks(args.debug)
     result = sweep_flow(grid=args.grid, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                         seeds_key=args.seeds_key, config_file=args.config_file)
     if args.json:
@@ -160,9 +163,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.cache import ArtifactCache
+    from pipeline import storage
 
-    report = ArtifactCache(args.artifacts).verify_all(ORDER, fix=args.fix)
+    report = storage.local_cache(args.artifacts).verify_all(ORDER, fix=args.fix)
     bad = [r for r in report if not r["ok"]]
     if args.json:
         print(json.dumps({"entries": report}))
@@ -176,12 +179,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pipeline.cache import ArtifactCache
+    from pipeline import storage
     from pipeline.stages import fingerprints
     from stages.reports import report_from_artifacts
 
     cfg = load_config(args.preset, args.config_file, args.overrides)
-    cache = ArtifactCache(args.artifacts)
+    cache = storage.local_cache(args.artifacts)
     entry = cache.entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
     if not entry.is_complete():
         raise ConfigError(f"no evaluate artifact for this config at {entry.path}; run `sunlearn run` first")
@@ -204,9 +207,33 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure is one line unless --debug
         if args.debug:
             raise
+        _stop_temporary_server()
         print(f"sunlearn: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     return code or 0
+
+
+def _console_without_tracebacks(debug: bool) -> None:
+    """Without --debug, Prefect's console records of a failed task lose their traceback: main prints one line.
+
+    Call after Prefect set up logging. The flow-run log in the API keeps the traceback: its handler runs first.
+    """
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_traceback)
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _stop_temporary_server() -> None:
+    """Stop Prefect's temporary server now: it logs its shutdown at exit, after what should be stderr's last line."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from pipeline.env import configure_environment
@@ -13,11 +14,10 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from pipeline.cache import ArtifactCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
-from pipeline.stages import ORDER, downstream, fingerprints, upstream_closure  # noqa: E402
+from pipeline.stages import ORDER, downstream, upstream_closure  # noqa: E402
 from schemas import read_table  # noqa: E402
 
 DEFAULT_ARTIFACTS = "artifacts"
@@ -46,20 +46,15 @@ def stage_task(name: str, cfg: Config, artifacts: str, force: bool = False) -> A
     return data
 
 
-def _metrics(cfg: Config, artifacts: str) -> list[dict[str, Any]]:
-    entry = ArtifactCache(artifacts).entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
-    if not entry.is_complete():
-        return []
-    return read_table(entry.path / "metrics.parquet").to_pylist()
-
-
 def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str]) -> dict[str, Any]:
     # a cached stage returns a Cached state, so take every result from its state
     results = [stage_task(name, cfg, artifacts, force=name in forced, return_state=True).result() for name in stages]
-    metrics = _metrics(cfg, artifacts) if "evaluate" in stages else []
-    if metrics:
+    metrics: list[dict[str, Any]] = []
+    if stages[-1] == "evaluate":
+        evaluate_dir = Path(results[-1]["path"])
+        metrics = read_table(evaluate_dir / "metrics.parquet").to_pylist()
         create_table_artifact(key="metrics", table=metrics, description="sunlearn metrics (model, metric, value)")
-        publish_reports(ArtifactCache(artifacts).entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"]).path)
+        publish_reports(evaluate_dir)
     return {"stages": results, "metrics": metrics}
 
 

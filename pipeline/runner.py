@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import ArtifactCache, CacheError
+from pipeline import storage
+from pipeline.cache import CacheError
 from pipeline.config import Config
 from pipeline.stages import STAGES, fingerprints, upstream_closure
 
@@ -34,11 +35,13 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
     """The stage's artifact, computed only when it is missing (or `force`). Upstream artifacts must be complete."""
     spec = STAGES[name]
     fps = fingerprints(cfg)
-    cache = ArtifactCache(artifacts)
+    cache = storage.local_cache(artifacts)  # the root itself, or a local working copy of a remote (fsspec) root
     entry = cache.entry(name, fps[name]["fingerprint"])
     inputs: dict[str, Path] = {}
     for up in spec.upstream:
         upstream_entry = cache.entry(up, fps[up]["fingerprint"])
+        with cache.lock(upstream_entry):
+            storage.fetch(artifacts, upstream_entry)
         problems = upstream_entry.verify(full=False)
         if problems:
             raise CacheError(f"{name}: upstream {up} artifact is unusable ({problems[0]}); "
@@ -46,6 +49,8 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
         inputs[up] = upstream_entry.path
     start = time.time()
     with cache.lock(entry):
+        if not force:
+            storage.fetch(artifacts, entry)
         if entry.is_complete() and not force:
             manifest = entry.manifest()
             status = "cached"
@@ -57,6 +62,7 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill
             extra = {"scratch": cache.scratch(entry)} if "scratch" in inspect.signature(function).parameters else {}
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
+            storage.publish(artifacts, entry)
             status = "ran"
     return StageResult(name, status, round(time.time() - start, 2), str(entry.path), entry.fingerprint,
                        manifest.get("stats", {}), {k: str(v) for k, v in inputs.items()})
