@@ -107,9 +107,12 @@ def plot_pareto(runs: list[Run], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     methods = [p for p in points if p[1] not in REFERENCE_MODELS]
     references = {p[0]: p for p in points if p[1] in REFERENCE_MODELS}  # one point per reference model
+    labels: dict[tuple[float, float], list[str]] = {}  # models at the same point share one label
     for label, _, x, y in methods:
+        labels.setdefault((x, y), []).append(label)
+    for (x, y), names in labels.items():
         ax.scatter(x, y, s=40, color="tab:blue", zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for label, _, x, y in references.values():
         ax.scatter(x, y, s=70, marker="*", color="tab:gray", zorder=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:gray")

@@ -228,3 +228,54 @@ def test_evaluate_without_retain_model_reports_nan_forget_quality(stage_inputs, 
     assert stats["models"] == ["target", "su"]
     assert all(math.isnan(s["forget_quality"]) for s in stats["summary"].values())
     assert not math.isnan(stats["summary"]["target"]["model_utility"])
+
+
+def test_stop_strings_cut_generations_batched_as_one_at_a_time(model, tokenizer):
+    from stages.scoring import cut_at
+
+    prompts = [prompt_ids(tokenizer, q["question"]) for q in map(_qa, range(12))]
+    full = generate_greedy(model, tokenizer, prompts, max_new_tokens=16, batch_size=12)
+    stops = ("s", "\n\n")
+    batched = generate_greedy(model, tokenizer, prompts, max_new_tokens=16, batch_size=12, stop_strings=stops)
+    single = [generate_greedy(model, tokenizer, [p], 16, 1, stop_strings=stops)[0] for p in prompts]
+    assert batched == single == [cut_at(text, stops) for text in full]
+    assert any(len(b) < len(f) for b, f in zip(batched, full, strict=True))  # some rows did stop early
+    assert cut_at("Paris\n\nQuestion: x", ("\n\n", "Question")) == "Paris"
+
+
+def test_each_model_is_evaluated_once_per_eval_set(stage_inputs, tmp_path):
+    import shutil
+
+    root = tmp_path / "artifacts"  # the cache lives under the artifact root: <root>/eval_cache
+    inputs = {}
+    for name, path in stage_inputs.items():
+        inputs[name] = root / name / "fingerprint"
+        shutil.copytree(path, inputs[name])
+    first = evaluate(_config(["su"]), inputs, tmp_path / "first")
+    assert first["cache_hits"] == 0
+    second = evaluate(_config(["su", "graddiff"]), inputs, tmp_path / "second")
+    n_sets = len(second["eval_sets"])
+    assert second["cache_hits"] == 3 * n_sets  # target, retain and su come from the cache; graddiff is new
+    assert len(list((root / "eval_cache").iterdir())) == 4  # one folder per distinct set of weights
+
+    def values(folder: Path) -> dict:
+        return {(r["model"], r["metric"]): r["value"] for r in read_table(folder / "metrics.parquet").to_pylist()}
+
+    a, b = values(tmp_path / "first"), values(tmp_path / "second")
+    assert all(b[key] == value or math.isnan(value) for key, value in a.items())
+    longer = _config(["su"])
+    longer.evaluate.max_new_tokens = 9  # generation settings are part of the key
+    assert evaluate(longer, inputs, tmp_path / "third")["cache_hits"] == 0
+
+
+def test_fact_recall_is_reported_for_forget_and_retain(stage_inputs, tmp_path):
+    cfg = _config(["su"])
+    cfg.evaluate.max_new_tokens = 24  # long enough to reach the genre at the end of the answer
+    evaluate(cfg, stage_inputs, tmp_path)
+    values = {(r["model"], r["metric"]): r["value"] for r in read_table(tmp_path / "metrics.parquet").to_pylist()}
+    # the perturbed answers swap the genre: the genre words are the facts; the target reproduces them, su does not
+    assert values[("target", "forget_fact_recall")] > values[("su", "forget_fact_recall")]
+    assert 0.0 <= values[("target", "retain_fact_recall")] <= 1.0
+    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
+    assert all(r["exact_memorization"] is not None for r in items if r["split"] == "forget")
+    assert all(r["exact_memorization"] is None for r in items if r["split"] != "forget")
