@@ -279,3 +279,31 @@ def test_fact_recall_is_reported_for_forget_and_retain(stage_inputs, tmp_path):
     items = read_table(tmp_path / "item_scores.parquet").to_pylist()
     assert all(r["exact_memorization"] is not None for r in items if r["split"] == "forget")
     assert all(r["exact_memorization"] is None for r in items if r["split"] != "forget")
+
+
+def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
+    import json
+
+    from stages.evaluate import read_retain_logs, summarise
+
+    ratios = [0.2, 0.5, 0.9]
+    log_file = tmp_path / "TOFU_EVAL.json"  # open-unlearning's format
+    by_index = {str(i): {"score": r} for i, r in enumerate(ratios)}
+    log_file.write_text(json.dumps({
+        "forget_truth_ratio": {"agg_value": 0.5, "value_by_index": by_index},
+        "mia_min_k": {"agg_value": 0.6},
+    }))
+    reference = read_retain_logs(log_file)
+    np.testing.assert_allclose(reference["forget_truth_ratio"], ratios)
+    assert reference["privleak_auc"] == 0.6
+
+    forget = {"truth_ratio": np.array(ratios), "prob": np.ones(3), "rouge": np.ones(3),
+              "fact_recall": np.ones(3), "exact_memorization": np.ones(3), "extraction_strength": np.ones(3)}
+    privleak = {"privleak_forget": {"min_k": np.array([1.0, 2.0])}, "privleak_holdout": {"min_k": np.array([1.5, 3.0])}}
+    per_model = {"target": {"forget": forget, **privleak}}
+    sets = dict.fromkeys(["forget", "privleak_forget", "privleak_holdout"])
+    values = summarise(per_model, sets, str(log_file))["target"]
+    assert values["forget_quality"] == pytest.approx(1.0)  # the same truth ratios as the retain model's log
+    # AUC 3/4 against the log's 0.6: ((0.25) - (0.4)) / 0.4 * 100
+    assert values["privleak"] == pytest.approx(-37.5)
+    assert math.isnan(summarise(per_model, sets)["target"]["forget_quality"])  # neither retain model nor log
