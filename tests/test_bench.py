@@ -1,0 +1,49 @@
+"""`python -m bench --quick`: every benchmark runs at toy size and writes its ratios; no assertion on wall time."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench.corpus import write_documents
+from bench.masks import python_masks
+from schemas import read_table
+from stages.masks import answer_segments, widen
+
+RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold"}
+
+
+def test_synthetic_corpus_passes_the_documents_schema(tmp_path):
+    stats = write_documents(tmp_path, 5_000)
+    docs = read_table(tmp_path / "documents.parquet")
+    forget = docs.filter(docs["split"].to_numpy(zero_copy_only=False) == "forget")
+    assert sum(len(ids) for ids in forget["input_ids"].to_pylist()) == 5_000
+    assert stats["forget_documents"] == len(forget)
+
+
+def test_python_loop_matches_the_vectorised_masks():
+    rng = np.random.default_rng(0)
+    doc = np.repeat(np.arange(50), rng.integers(1, 30, 50))
+    in_answer = np.concatenate([np.arange(k) >= rng.integers(0, k) for k in np.bincount(doc)])
+    diff = rng.random(len(doc))
+    start, end = answer_segments(doc, in_answer)
+    expected = widen((diff > 0.7) & in_answer, start, end, 2)
+    seed, selected = python_masks([str(d) for d in doc], diff.tolist(), in_answer.tolist(), 0.7, 2)
+    assert selected == expected.tolist()
+    assert seed == ((diff > 0.7) & in_answer).tolist()
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_ratio(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert RATIOS <= set(results["ratios"])
+    assert all(v > 0 for v in results["ratios"].values())
+    assert results["benches"]["masks"]["identical"]
+    assert results["quick"] and results["machine"]["cores"] >= 1
+    assert "| benchmark |" in results["table"]
