@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure is one line unless --debug
         if args.debug:
             raise
-        _stop_temporary_server()
         print(f"sunlearn: error: {_one_line(exc)}", file=sys.stderr)
+        logging.getLogger("prefect").setLevel(logging.WARNING)  # keep the error last: no server shutdown line
         return 2 if isinstance(exc, ConfigError) else 1
     return code or 0
 
@@ -226,14 +226,6 @@ def _console_without_tracebacks(debug: bool) -> None:
 def _drop_traceback(record: logging.LogRecord) -> bool:
     record.exc_info, record.exc_text = None, None
     return True
-
-
-def _stop_temporary_server() -> None:
-    """Stop Prefect's temporary server now: it logs its shutdown at exit, after what should be stderr's last line."""
-    server = sys.modules.get("prefect.server.api.server")
-    if server is not None:
-        for instance in list(server.SubprocessASGIServer._instances.values()):
-            instance.stop()
 
 
 def _one_line(exc: BaseException) -> str:
