@@ -107,9 +107,12 @@ class ArtifactCache:
 
     def scratch(self, entry: Entry) -> Path:
         """A folder for the entry's resume state that outlives a killed run (use it under `lock`)."""
-        path = entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}"
+        path = self._scratch_path(entry)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _scratch_path(self, entry: Entry) -> Path:
+        return entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}"
 
     @contextmanager
     def lock(self, entry: Entry) -> Iterator[None]:
@@ -147,8 +150,11 @@ class ArtifactCache:
             if entry.path.exists():  # an incomplete leftover (no manifest): never trusted, replace it
                 shutil.rmtree(entry.path)
             os.rename(tmp, entry.path)
-            shutil.rmtree(entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}", ignore_errors=True)
+            shutil.rmtree(self._scratch_path(entry), ignore_errors=True)
             return manifest
+        except Exception:  # a stage that failed starts over next time; only a kill or Ctrl-C resumes
+            shutil.rmtree(self._scratch_path(entry), ignore_errors=True)
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
