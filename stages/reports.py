@@ -113,9 +113,12 @@ def plot_pareto(runs: list[Run], path: Path) -> bool:
     for (x, y), names in labels.items():
         ax.scatter(x, y, s=40, color="tab:blue", zorder=3)
         ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    shared: dict[tuple[float, float], list[str]] = {}
     for label, _, x, y in references.values():
+        shared.setdefault((x, y), []).append(label)
+    for (x, y), names in shared.items():
         ax.scatter(x, y, s=70, marker="*", color="tab:gray", zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:gray")
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:gray")
     if methods:
         xs = np.array([p[2] for p in methods])
         ys = np.array([p[3] if y_higher else -p[3] for p in methods])
