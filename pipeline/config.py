@@ -78,7 +78,8 @@ class UnlearnConfig:
     batch_size: int = 8
     alpha: float = 1.0  # weight of the retain loss
     zero_stage: int = 0
-    num_procs: int = 1
+    num_procs: int = 1  # processes (GPUs) per node
+    hostfile: str | None = None  # DeepSpeed hostfile (`host slots=N` lines): run the ranks on several nodes
     bf16: bool = False  # GPU only
     grad_accum: int = 1
     seed: int = 0
@@ -220,6 +221,10 @@ def validate(cfg: Config) -> None:
     stop = cfg.unlearn.stop_forget_prob
     if stop is not None and not 0.0 < stop < 1.0:
         raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean token probability), got {stop}")
+    if cfg.unlearn.hostfile and not Path(cfg.unlearn.hostfile).expanduser().is_file():
+        raise ConfigError(f"unlearn.hostfile {cfg.unlearn.hostfile} does not exist")
+    if cfg.unlearn.num_procs < 1:
+        raise ConfigError(f"unlearn.num_procs must be >= 1, got {cfg.unlearn.num_procs}")
     if not cfg.unlearn.methods:
         raise ConfigError("unlearn.methods is empty")
     for method in cfg.unlearn.methods:

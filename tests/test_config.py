@@ -22,6 +22,7 @@ def test_overrides_are_typed():
         (["masks.window=-1"], "masks.window must be >= 0"),
         (["unlearn.methods=gradif"], "unknown method 'gradif' (did you mean 'graddiff'?)"),
         (["target.epochs=many"], "target.epochs: expected int, got 'many'"),
+        (["unlearn.hostfile=/nonexistent/hostfile"], "unlearn.hostfile /nonexistent/hostfile does not exist"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, message):

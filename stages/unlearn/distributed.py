@@ -57,21 +57,32 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def launch(config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int) -> dict[str, Any]:
-    """Run stages.unlearn.worker in `num_procs` processes under torchrun; returns rank 0's stats.
+def launch(
+    config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int, hostfile: str | None = None
+) -> dict[str, Any]:
+    """Run stages.unlearn.worker in `num_procs` processes per node; returns rank 0's stats.
 
-    A worker's UnlearnDiverged comes back as the same exception here, with the worker's message.
+    One node: torchrun. Several nodes (`hostfile`, DeepSpeed's format: `host slots=N` per line): DeepSpeed's launcher,
+    which starts the ranks over ssh/pdsh; the job folder then sits beside the artifact, on the shared filesystem that
+    every node mounts. A worker's UnlearnDiverged comes back as the same exception here, with the worker's message.
     """
     from stages.unlearn.loop import UnlearnDiverged
 
-    with tempfile.TemporaryDirectory(prefix="sunlearn-unlearn-") as tmp:
+    job_parent = out.parent if hostfile else None  # shared between nodes only when it is under the artifact root
+    with tempfile.TemporaryDirectory(prefix=".job-unlearn-", dir=job_parent) as tmp:
         job = Path(tmp)
         (job / "config.json").write_text(json.dumps(config))
         (job / "inputs.json").write_text(json.dumps({k: str(v) for k, v in inputs.items()}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}"]
-        cmd += ["-m", "stages.unlearn.worker", str(job), str(out)]
+        if hostfile:
+            if not Path(hostfile).is_file():
+                raise FileNotFoundError(f"unlearn.hostfile {hostfile} does not exist")
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}",
+                   f"--num_gpus={num_procs}", "--module"]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}", "-m"]
+        cmd += ["stages.unlearn.worker", str(job), str(out)]
         own = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items() if k not in own}  # torchrun sets these for its workers
+        env = {k: v for k, v in os.environ.items() if k not in own}  # the launcher sets these for its workers
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         code = subprocess.run(cmd, env=env, cwd=REPO).returncode
         if (job / "diverged.txt").is_file():

@@ -29,7 +29,7 @@ from pipeline.config import Config, UnlearnConfig
 from schemas import REF_LOGPROBS, TRAIN_LOG, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
-from stages.unlearn.distributed import init_distributed, launch, world_size
+from stages.unlearn.distributed import init_distributed, launch
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
 from stages.unlearn.reference import Reference, reference_table
 
@@ -56,8 +56,13 @@ def unlearn(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | Non
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.unlearn.num_procs > 1 and world_size() != cfg.unlearn.num_procs:
-        return launch(cfg.to_dict(), inputs, out, cfg.unlearn.num_procs)
+    if cfg.unlearn.hostfile or cfg.unlearn.num_procs > 1:
+        return launch(cfg.to_dict(), inputs, out, cfg.unlearn.num_procs, cfg.unlearn.hostfile)
+    return unlearn_in_process(cfg, inputs, out, scratch)
+
+
+def unlearn_in_process(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None) -> dict[str, Any]:
+    """The unlearn loop in this process: a world of one, or one rank of a launched job (stages.unlearn.worker)."""
     rank, _ = init_distributed()
     specs = [METHODS[name] for name in cfg.unlearn.methods]
     data = load_data(cfg, inputs, specs, out, rank)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from stages.unlearn.loop import UnlearnDiverged, unlearn
+from stages.unlearn.loop import UnlearnDiverged, unlearn_in_process
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -27,7 +27,7 @@ def main(job: Path, out: Path) -> None:
     cfg = config_from_dict(json.loads((job / "config.json").read_text()))
     inputs = {k: Path(v) for k, v in json.loads((job / "inputs.json").read_text()).items()}
     try:
-        stats = unlearn(cfg, inputs, out)
+        stats = unlearn_in_process(cfg, inputs, out)
     except UnlearnDiverged as exc:  # every rank takes the same decision; one reports it
         if torch.distributed.get_rank() == 0:
             (job / "diverged.txt").write_text(str(exc))
