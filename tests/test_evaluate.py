@@ -246,6 +246,8 @@ def test_stop_strings_cut_generations_batched_as_one_at_a_time(model, tokenizer)
 def test_each_model_is_evaluated_once_per_eval_set(stage_inputs, tmp_path):
     import shutil
 
+    from stages.evaluate import context_key
+
     root = tmp_path / "artifacts"  # the cache lives under the artifact root: <root>/eval_cache
     inputs = {}
     for name, path in stage_inputs.items():
@@ -265,20 +267,23 @@ def test_each_model_is_evaluated_once_per_eval_set(stage_inputs, tmp_path):
     assert all(b[key] == value or math.isnan(value) for key, value in a.items())
     longer = _config(["su"])
     longer.evaluate.max_new_tokens = 9  # generation settings are part of the key
-    assert evaluate(longer, inputs, tmp_path / "third")["cache_hits"] == 0
+    assert context_key(inputs["prepare"], longer) != context_key(inputs["prepare"], _config(["su"]))
 
 
-def test_fact_recall_is_reported_for_forget_and_retain(stage_inputs, tmp_path):
+def test_fact_recall_counts_the_swapped_words(model, tokenizer):
+    from stages.evaluate import SPLITS, evaluate_split, fact_words
+
+    rows = [{**_qa(i), "doc_id": f"forget-{i}", "gold_spans": None} for i in range(4)]
+    # the perturbed answers swap the genre, so the genre words are the facts ("mystery novels" -> mysteri, novel)
+    assert fact_words(rows[0]) == ["mysteri", "novel"]
     cfg = _config(["su"])
     cfg.evaluate.max_new_tokens = 24  # long enough to reach the genre at the end of the answer
-    evaluate(cfg, stage_inputs, tmp_path)
-    values = {(r["model"], r["metric"]): r["value"] for r in read_table(tmp_path / "metrics.parquet").to_pylist()}
-    # the perturbed answers swap the genre: the genre words are the facts; the target reproduces them, su does not
-    assert values[("target", "forget_fact_recall")] > values[("su", "forget_fact_recall")]
-    assert 0.0 <= values[("target", "retain_fact_recall")] <= 1.0
-    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
-    assert all(r["exact_memorization"] is not None for r in items if r["split"] == "forget")
-    assert all(r["exact_memorization"] is None for r in items if r["split"] != "forget")
+    memorised = evaluate_split(model, tokenizer, rows, cfg, SPLITS[0])
+    untrained = evaluate_split(_tiny_llama(tokenizer, seed=2, train_steps=0), tokenizer, rows, cfg, SPLITS[0])
+    assert np.mean(memorised["fact_recall"]) > 0.5 > np.mean(untrained["fact_recall"])
+    assert {"exact_memorization", "extraction_strength"} <= set(memorised)
+    retain = evaluate_split(model, tokenizer, rows, cfg, SPLITS[1])
+    assert "fact_recall" in retain and "exact_memorization" not in retain  # memorisation: forget set only
 
 
 def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
