@@ -93,6 +93,7 @@ class EvaluateConfig:
     max_new_tokens: int = 200
     batch_size: int = 64
     retain_eval_items: int = 400  # TOFU's retain_perturbed size; embedded samples this many retain items
+    retain_logs: str | None = None  # an open-unlearning retain-model eval log, instead of our retain model
 
 
 @dataclass

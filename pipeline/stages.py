@@ -64,7 +64,7 @@ STAGES: dict[str, StageSpec] = {
             "stages.evaluate:evaluate",
             ("evaluate",),
             ("prepare", "target", "masks", "scores", "unlearn"),
-            ("stages.evaluate", "stages.metrics", "stages.scoring"),
+            ("stages.evaluate", "stages.metrics", "stages.scoring", "stages.reports"),
         ),
     ]
 }

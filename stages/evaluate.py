@@ -406,7 +406,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         log.info("evaluated %s in %.1fs", name, time.perf_counter() - model_start)
     bar.close()
 
-    values = summarise(per_model, sets, getattr(cfg.evaluate, "retain_logs", None))
+    values = summarise(per_model, sets, cfg.evaluate.retain_logs)
     rows = [(name, metric, value) for name, v in values.items() for metric, value in v.items()]
     metrics = pa.table(
         {"model": [r[0] for r in rows], "metric": [r[1] for r in rows], "value": [r[2] for r in rows]},
