@@ -89,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: list[Result] = []
     seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="sunlearn-bench-") as tmp:
         runs = SizedRuns(Path(tmp))
         for name in names:
             began = time.perf_counter()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
-            results.append(run_bench(name, sizes, runs))
+            try:
+                results.append(run_bench(name, sizes, runs))
+            except Exception as exc:  # one broken benchmark must not lose the others' figures
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                print(f"bench: {name} FAILED: {failed[name]}", file=sys.stderr, flush=True)
             seconds[name] = time.perf_counter() - began
             print(f"bench: {name} done in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
     total = time.perf_counter() - start
@@ -109,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nratios: " + ", ".join(f"{k}={v:.3g}" for k, v in ratios.items()))
     write_results(args.out, {
         "machine": info, "quick": args.quick, "total_seconds": total, "bench_seconds": seconds, "ratios": ratios,
-        "table": table, "extra_tables": extras, "benches": {r.name: r.details for r in results},
+        "table": table, "extra_tables": extras, "benches": {r.name: r.details for r in results}, "failed": failed,
     })
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
