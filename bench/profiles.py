@@ -57,7 +57,7 @@ def run(runs: SizedRuns, n_tokens: int) -> Result:
     for name, (fn, inputs) in stages.items():
         seconds, costs = profile_stage(fn, inputs, work / name)
         result.details[name] = {"seconds": seconds, "top": costs}
-        rows += [[name, c["function"], f"{c['seconds']:.2f} s", f"{100 * c['share']:.0f}%"] for c in costs]
+        rows += [[name, f"`{c['function']}`", f"{c['seconds']:.2f} s", f"{100 * c['share']:.0f}%"] for c in costs]
     result.extra_tables = [f"Top self-time costs at {tokens_label(n_tokens)} tokens (pyinstrument):\n\n"
                            + markdown_table(["stage", "function", "self time", "share"], rows)]
     return result

@@ -38,7 +38,7 @@ def rate(tokens: float, seconds: float) -> str:
 
 
 def tokens_label(n: int) -> str:
-    return f"{n / 1e6:g}M" if n >= 100_000 else f"{n / 1e3:g}k"
+    return f"{n / 1e6:.3g}M" if n >= 100_000 else f"{n / 1e3:.3g}k"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
