@@ -36,6 +36,7 @@ def init_distributed() -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             os.environ.setdefault(key, value)
+        own_port = "MASTER_PORT" not in os.environ
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         import deepspeed
 
@@ -47,6 +48,8 @@ def init_distributed() -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        if own_port:  # this process listens on it now: processes it starts (flow runs, torchrun) must pick their own
+            del os.environ["MASTER_PORT"]
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
