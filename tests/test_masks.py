@@ -6,13 +6,12 @@ import pytest
 
 from pipeline.config import load_config
 from schemas import read_table, write_table
-from stages.masks import answer_segments, build_masks, otsu_threshold, widen
+from stages.masks import answer_segments, build_masks, document_starts, otsu_threshold, widen
 
 
 def _one_doc(in_answer, seed, window):
-    doc = np.zeros(len(in_answer), dtype=int)
-    start, end = answer_segments(doc, np.array(in_answer, bool))
-    return widen(np.array(seed, bool), start, end, window).astype(int).tolist()
+    segment = answer_segments(np.array([0]), np.array(in_answer, bool))
+    return widen(np.array(seed, bool), segment, window).astype(int).tolist()
 
 
 def test_widen_is_symmetric_in_the_middle():
@@ -36,11 +35,19 @@ def test_neighbouring_selections_merge_and_gaps_stay():
 
 
 def test_window_does_not_cross_documents():
-    doc = np.array([0, 0, 0, 1, 1, 1])
     in_answer = np.ones(6, bool)
     seed = np.array([0, 0, 1, 0, 0, 0], bool)
-    start, end = answer_segments(doc, in_answer)
-    assert widen(seed, start, end, 2).astype(int).tolist() == [1, 1, 1, 0, 0, 0]
+    segment = answer_segments(document_starts(np.array([0, 1, 2, 0, 1, 2])), in_answer)
+    assert widen(seed, segment, 2).astype(int).tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_document_without_answer_tokens_selects_nothing():
+    assert _one_doc([0, 0, 0], [0, 0, 0], 2) == [0, 0, 0]
+
+
+def test_unsorted_scores_are_refused():
+    with pytest.raises(ValueError, match="not sorted"):
+        document_starts(np.array([0, 1, 3, 0]))
 
 
 def test_window_zero_keeps_only_seeds():
