@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,19 @@ def test_cli_json_and_status(micro_root):
     status = subprocess.run([*cmd, "status", "--preset", "micro", "--json", "--artifacts", str(root)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert [s["state"] for s in json.loads(status.stdout)["stages"]] == ["cached"] * len(ORDER)
+
+
+def test_sweep_reuses_upstream_and_collects_one_table(micro_root):
+    from pipeline.sweep import sweep_flow
+    from schemas import read_table
+
+    root, _ = micro_root
+    result = sweep_flow(grid=["masks.gamma=0.2,0.4", "unlearn.seed=0,1"], preset="micro", artifacts=str(root))
+    assert len(result["points"]) == 4
+    table = read_table(Path(result["path"]) / "sweep_metrics.parquet").to_pydict()
+    assert sorted(set(table["point"])) == [0, 1, 2, 3]
+    # only masks, unlearn and evaluate differ between points: one target and one assistants artifact serve all
+    for stage in ("target", "assistants"):
+        assert len([p for p in (root / stage).iterdir() if not p.name.startswith(".")]) == 1
+    mu = [r for r in result["summary"] if r["metric"] == "model_utility" and r["model"] == "su"]
+    assert len(mu) == 2 and all(r["n"] == 2 for r in mu)  # mean over the two seeds, per gamma
