@@ -46,3 +46,19 @@ def test_a_plain_path_is_its_own_working_copy(tmp_path):
     assert storage.local_root(tmp_path) == tmp_path.resolve()
     assert not storage.is_remote(tmp_path) and storage.is_remote("s3://bucket/artifacts")
     assert storage.local_root("s3://bucket/a") != storage.local_root("s3://bucket/b")
+
+
+def test_stages_publish_to_a_remote_root_and_a_fresh_node_reuses_them(tmp_path, monkeypatch, micro_cfg):
+    """The real prepare → assistants → scores → masks through materialize, with the root a file:// URL."""
+    from pipeline.runner import materialize_until
+
+    root = f"file://{tmp_path}/shared"
+    monkeypatch.setattr(storage, "CACHE_HOME", tmp_path / "node_a")
+    first = materialize_until("masks", micro_cfg, root)
+    assert [r.status for r in first] == ["ran"] * 4
+    for r in first:
+        assert (tmp_path / "shared" / r.name / r.fingerprint / "manifest.json").is_file()
+    monkeypatch.setattr(storage, "CACHE_HOME", tmp_path / "node_b")  # another node: an empty local working copy
+    second = materialize_until("masks", micro_cfg, root)
+    assert [r.status for r in second] == ["cached"] * 4
+    assert all(Path(r.path).is_relative_to(tmp_path / "node_b") for r in second)
