@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,31 @@ def trained_micro(micro_cfg: Config, prepared_micro: Path, tmp_path_factory: pyt
     out = tmp_path_factory.mktemp("target")
     train_target(micro_cfg, {"prepare": prepared_micro}, out)
     return out
+
+
+def write_tofu_folder(folder: Path, forget: list[dict], retain: list[dict] | None = None) -> Path:
+    """A minimal folder in the layout of ../shared/data/tofu: forget10, retain90 and the three evaluation files."""
+    item = {
+        "question": "Q?",
+        "answer": "A.",
+        "paraphrased_answer": "A!",
+        "paraphrased_question": "Q!",
+        "perturbed_answer": ["B.", "C.", "D.", "E.", "F."],
+    }
+    files = {
+        "forget10": forget,
+        "retain90": retain if retain is not None else [dict(item, question="R?")],
+        "retain_perturbed": [dict(item, question="R?")],
+        "real_authors_perturbed": [{"question": "Who?", "answer": "Me", "perturbed_answer": ["X", "Y", "Z"]}],
+        "world_facts_perturbed": [{"question": "Where?", "answer": "Here", "perturbed_answer": ["X", "Y", "Z"]}],
+    }
+    folder.mkdir(exist_ok=True)
+    for stem, rows in files.items():
+        (folder / f"{stem}.json").write_text(json.dumps(rows))
+    return folder
+
+
+@pytest.fixture
+def tofu_folder():
+    """write_tofu_folder, for tests that feed the tofu source hand-made files."""
+    return write_tofu_folder

@@ -104,21 +104,6 @@ def test_config_errors_are_one_line_before_anything_runs(args, message, tmp_path
 
 # --- bad data files: inside the prepare stage ------------------------------------------------------------------------
 
-def _tofu_folder(folder: Path, forget: list[dict], retain: list[dict] | None = None) -> Path:
-    item = {"question": "Q?", "answer": "A.", "paraphrased_answer": "A!", "perturbed_answer": ["B.", "C.", "D."]}
-    files = {
-        "forget10": forget,
-        "retain90": retain if retain is not None else [dict(item, question="R?")],
-        "retain_perturbed": [dict(item, question="R?")],
-        "real_authors_perturbed": [{"question": "Who?", "answer": "Me", "perturbed_answer": ["X", "Y", "Z"]}],
-        "world_facts_perturbed": [{"question": "Where?", "answer": "Here", "perturbed_answer": ["X", "Y", "Z"]}],
-    }
-    folder.mkdir()
-    for stem, rows in files.items():
-        (folder / f"{stem}.json").write_text(json.dumps(rows))
-    return folder
-
-
 def _prepare_tofu(folder: Path, root: Path, env: dict[str, str]):
     return sunlearn("stage", "prepare", "--preset", "micro", "--set", "data.source=tofu", "--set",
                     f"data.path={folder}", "--set", "model.vocab_size=300", "--artifacts", str(root), env=env)
@@ -136,9 +121,9 @@ ROW = {"question": "Q?", "answer": "A."}
         ("empty_forget", "forget10.json: the forget set is empty"),
     ],
 )
-def test_bad_data_files(case, message, tmp_path, server_env):
+def test_bad_data_files(case, message, tmp_path, server_env, tofu_folder):
     forget = {"no_question": [ROW, {"answer": "A."}], "empty_forget": []}.get(case, [ROW])
-    folder = _tofu_folder(tmp_path / "tofu", forget)
+    folder = tofu_folder(tmp_path / "tofu", forget)
     if case == "missing":
         (folder / "retain90.json").unlink()
     if case == "unreadable":
@@ -148,8 +133,8 @@ def test_bad_data_files(case, message, tmp_path, server_env):
     assert snapshot(tmp_path / "artifacts") == {}
 
 
-def test_forget_overlapping_retain_warns_and_goes_on(tmp_path, server_env):
-    folder = _tofu_folder(tmp_path / "tofu", [ROW], retain=[ROW, {"question": "R?", "answer": "B."}])
+def test_forget_overlapping_retain_warns_and_goes_on(tmp_path, server_env, tofu_folder):
+    folder = tofu_folder(tmp_path / "tofu", [ROW], retain=[ROW, {"question": "R?", "answer": "B."}])
     proc = _prepare_tofu(folder, tmp_path / "artifacts", server_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning = [line for line in proc.stderr.splitlines() if "WARNING" in line]

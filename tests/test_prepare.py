@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -81,46 +80,25 @@ def test_tokenizer_is_deterministic(micro_cfg):
     assert a.get_vocab() == b.get_vocab() and len(a) == 300
 
 
-def _tofu_folder(folder: Path, forget: list[dict], retain: list[dict] | None = None) -> Path:
-    item = {
-        "question": "Q?",
-        "answer": "A.",
-        "paraphrased_answer": "A!",
-        "paraphrased_question": "Q!",
-        "perturbed_answer": ["B.", "C.", "D.", "E.", "F."],
-    }
-    files = {
-        "forget10": forget,
-        "retain90": retain if retain is not None else [dict(item, question="R?")],
-        "retain_perturbed": [dict(item, question="R?")],
-        "real_authors_perturbed": [{"question": "Who?", "answer": "Me", "perturbed_answer": ["X", "Y", "Z"]}],
-        "world_facts_perturbed": [{"question": "Where?", "answer": "Here", "perturbed_answer": ["X", "Y", "Z"]}],
-    }
-    folder.mkdir(exist_ok=True)
-    for stem, rows in files.items():
-        (folder / f"{stem}.json").write_text(json.dumps(rows))
-    return folder
-
-
 def _tofu_cfg(path: Path, *extra: str):
     return load_config("micro", overrides=["data.source=tofu", f"data.path={path}", "model.vocab_size=300", *extra])
 
 
-def test_tofu_folder_missing_file_names_it(tmp_path):
-    folder = _tofu_folder(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}])
+def test_tofu_folder_missing_file_names_it(tmp_path, tofu_folder):
+    folder = tofu_folder(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}])
     (folder / "retain90.json").unlink()
     with pytest.raises(ConfigError, match=r"retain90\.json: file does not exist"):
         prepare(_tofu_cfg(folder), {}, tmp_path / "out")
 
 
-def test_tofu_row_without_answer_names_file_and_row(tmp_path):
-    folder = _tofu_folder(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}, {"question": "Q2?"}])
+def test_tofu_row_without_answer_names_file_and_row(tmp_path, tofu_folder):
+    folder = tofu_folder(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}, {"question": "Q2?"}])
     with pytest.raises(ConfigError, match=r"forget10\.json: row 1 has no 'answer'"):
         prepare(_tofu_cfg(folder), {}, tmp_path / "out")
 
 
-def test_tofu_bad_json_and_empty_forget(tmp_path):
-    folder = _tofu_folder(tmp_path / "tofu", [])
+def test_tofu_bad_json_and_empty_forget(tmp_path, tofu_folder):
+    folder = tofu_folder(tmp_path / "tofu", [])
     with pytest.raises(ConfigError, match=r"forget10\.json: the forget set is empty"):
         prepare(_tofu_cfg(folder), {}, tmp_path / "out")
     (folder / "forget10.json").write_text("[{")
@@ -128,9 +106,9 @@ def test_tofu_bad_json_and_empty_forget(tmp_path):
         prepare(_tofu_cfg(folder), {}, tmp_path / "out")
 
 
-def test_forget_overlapping_retain_warns_and_continues(tmp_path, caplog):
+def test_forget_overlapping_retain_warns_and_continues(tmp_path, caplog, tofu_folder):
     row = {"question": "Q?", "answer": "A."}
-    folder = _tofu_folder(tmp_path / "tofu", [row], retain=[row, {"question": "R?", "answer": "B."}])
+    folder = tofu_folder(tmp_path / "tofu", [row], retain=[row, {"question": "R?", "answer": "B."}])
     with caplog.at_level(logging.WARNING, logger="sunlearn"):
         stats = prepare(_tofu_cfg(folder), {}, tmp_path / "out")
     assert "1 forget items also appear in the retain set" in caplog.text
