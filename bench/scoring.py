@@ -75,7 +75,7 @@ def llm_seconds(prepare: Path, out: Path, n_tokens: int) -> tuple[float, int, in
 
 
 def run(runs: SizedRuns, sizes: list[int], llm_tokens: int) -> Result:
-    from stages.scores import sentences
+    from stages.common import kenlm_sentences
 
     result = Result("scoring")
     per_size = {}
@@ -83,7 +83,7 @@ def run(runs: SizedRuns, sizes: list[int], llm_tokens: int) -> Result:
         sized = runs.get(n)
         stage_seconds = sized.seconds["scores"]
         docs = load_documents(sized.dir("prepare"), ("forget",))
-        raw = raw_kenlm_seconds(sized.dir("assistants"), sentences(docs))
+        raw = raw_kenlm_seconds(sized.dir("assistants"), kenlm_sentences(docs))
         per_size[n] = {"stage_seconds": stage_seconds, "stage_tokens_per_s": n / stage_seconds,
                        "raw_kenlm_seconds": raw, "raw_kenlm_tokens_per_s": n / raw}
         result.rows.append(Row("scoring vs raw kenlm loop", f"{tokens_label(n)} tokens, 2 assistants",

@@ -13,10 +13,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import polars as pl
+import pyarrow.compute as pc
 
 from pipeline.config import Config
-from stages.common import load_documents, log
+from stages.common import kenlm_sentences, load_documents, log
 
 ASSISTANT_SPLITS = {
     "full_retain": (("forget", "retain"), ("retain",)),
@@ -46,10 +46,9 @@ def kenlm_tool(name: str) -> str:
 
 def write_corpus(prepare_dir: Path, splits: tuple[str, ...], path: Path) -> int:
     """One line per document: its token ids separated by spaces. Returns the number of tokens."""
-    docs = pl.from_arrow(load_documents(prepare_dir, splits).select(["input_ids"]))
-    lines = docs.select(pl.col("input_ids").cast(pl.List(pl.Utf8)).list.join(" "))
-    path.write_text("\n".join(lines.to_series().to_list()) + "\n")
-    return int(docs.select(pl.col("input_ids").list.len().sum()).item())
+    docs = load_documents(prepare_dir, splits)
+    path.write_text("\n".join(kenlm_sentences(docs)) + "\n")
+    return int(pc.sum(pc.list_value_length(docs["input_ids"])).as_py() or 0)
 
 
 def _run(cmd: list[str], tool: str) -> subprocess.CompletedProcess:

@@ -39,6 +39,14 @@ def load_documents(prepare_dir: Path, splits: tuple[str, ...] | None = None) -> 
     return table
 
 
+def kenlm_sentences(docs: pa.Table) -> list[str]:
+    """Each document's token ids as one KenLM sentence: one "word" per token id, separated by spaces."""
+    import polars as pl
+
+    frame = pl.from_arrow(docs.select(["input_ids"]))
+    return frame.select(pl.col("input_ids").cast(pl.List(pl.Utf8)).list.join(" ")).to_series().to_list()
+
+
 def load_tokenizer(prepare_dir: Path):
     from transformers import AutoTokenizer
 

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.config import Config
 from schemas import write_table
-from stages.common import load_documents
+from stages.common import kenlm_sentences, load_documents
 
 
 def flat_token_table(docs: pa.Table) -> dict[str, np.ndarray]:
@@ -38,12 +37,6 @@ def flat_token_table(docs: pa.Table) -> dict[str, np.ndarray]:
         "in_answer": position >= answer_start,
         "gold": gold,  # nan where unknown
     }
-
-
-def sentences(docs: pa.Table) -> list[str]:
-    """Each document's token ids as one KenLM sentence: ids separated by spaces."""
-    frame = pl.from_arrow(docs.select(["input_ids"]))
-    return frame.select(pl.col("input_ids").cast(pl.List(pl.Utf8)).list.join(" ")).to_series().to_list()
 
 
 class KenLMScorer:
@@ -70,7 +63,7 @@ def score_tokens(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
         scorers = [KenLMScorer(inputs["assistants"] / f"{name}.binary") for name in ("a", "b")]
         lengths = pa.compute.list_value_length(docs["input_ids"]).to_numpy()
         columns: list[list[np.ndarray]] = [[], []]
-        for sentence, n in tqdm(zip(sentences(docs), lengths, strict=True), total=len(lengths), desc="scores",
+        for sentence, n in tqdm(zip(kenlm_sentences(docs), lengths, strict=True), total=len(lengths), desc="scores",
                                 unit="doc", leave=False):
             for column, scorer in zip(columns, scorers, strict=True):
                 column.append(scorer.probabilities(sentence, int(n)))
