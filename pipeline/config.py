@@ -86,6 +86,9 @@ class UnlearnConfig:
     max_forget_loss: float = 50.0  # stop with an error when the forget NLL passes this bound
     checkpoint_every: int = 20  # optimizer steps between DeepSpeed checkpoints a killed run resumes from; 0: none
     stop_forget_prob: float | None = None  # stop early once exp(-forget NLL) over all forget answers is <= this
+    # per-method loss parameters over the registry's defaults: `--set unlearn.params.npo.beta=0.2`
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    reference: str = "logprobs"  # logprobs: the frozen target's values, computed once | model: keep it in memory
 
 
 @dataclass
@@ -183,10 +186,30 @@ def apply_override(cfg: Config, key: str, raw: Any) -> None:
         raise ConfigError(f"unknown config key {key!r}{suggest(key, all_keys)}")
     section = getattr(cfg, section_name)
     hints = _field_types(type(section))
+    if field_name.startswith("params.") and section_name == "unlearn":
+        _set_method_param(section, key, field_name.removeprefix("params."), raw)
+        return
     if field_name not in hints:
         keys = [f"{section_name}.{f}" for f in hints]
         raise ConfigError(f"unknown config key {key!r}{suggest(key, keys)}")
     setattr(section, field_name, _coerce(raw, hints[field_name], key))
+
+
+def _set_method_param(section: UnlearnConfig, key: str, path: str, raw: Any) -> None:
+    """unlearn.params.<method>.<param>: a number that replaces the registry's default for that method."""
+    from stages.unlearn import METHODS
+
+    method, _, param = path.partition(".")
+    if method not in METHODS:
+        raise ConfigError(f"{key}: unknown method {method!r}{suggest(method, METHODS)}")
+    defaults = METHODS[method].params
+    if param not in defaults:
+        known = ", ".join(defaults) or "none"
+        raise ConfigError(f"{key}: {method} has no parameter {param!r}{suggest(param, defaults)} (it takes: {known})")
+    value = _coerce(raw, float, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {raw!r}")
+    section.params = {**section.params, method: {**section.params.get(method, {}), param: float(value)}}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -224,6 +247,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean token probability), got {stop}")
     if cfg.unlearn.hostfile and not Path(cfg.unlearn.hostfile).expanduser().is_file():
         raise ConfigError(f"unlearn.hostfile {cfg.unlearn.hostfile} does not exist")
+    if cfg.unlearn.reference not in ("logprobs", "model"):
+        raise ConfigError(f"unlearn.reference must be logprobs or model, got {cfg.unlearn.reference!r}")
     if cfg.unlearn.num_procs < 1:
         raise ConfigError(f"unlearn.num_procs must be >= 1, got {cfg.unlearn.num_procs}")
     if not cfg.unlearn.methods:

@@ -23,6 +23,11 @@ def test_overrides_are_typed():
         (["unlearn.methods=gradif"], "unknown method 'gradif' (did you mean 'graddiff'?)"),
         (["target.epochs=many"], "target.epochs: expected int, got 'many'"),
         (["unlearn.hostfile=/nonexistent/hostfile"], "unlearn.hostfile /nonexistent/hostfile does not exist"),
+        (["unlearn.params.npoo.beta=0.2"], "unknown method 'npoo' (did you mean 'npo'?)"),
+        (["unlearn.params.npo.bta=0.2"], "npo has no parameter 'bta' (did you mean 'beta'?) (it takes: beta)"),
+        (["unlearn.params.ga.beta=0.2"], "ga has no parameter 'beta' (it takes: none)"),
+        (["unlearn.params.npo.beta=high"], "unlearn.params.npo.beta: expected float, got 'high'"),
+        (["unlearn.reference=disk"], "unlearn.reference must be logprobs or model"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, message):
@@ -30,6 +35,16 @@ def test_bad_values_give_one_clear_line(overrides, message):
         load_config("micro", overrides=overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_method_parameters_from_flags_and_files(tmp_path):
+    cfg = load_config("micro", overrides=["unlearn.params.npo.beta=0.2", "unlearn.params.simnpo.delta=1"])
+    assert cfg.unlearn.params == {"npo": {"beta": 0.2}, "simnpo": {"delta": 1.0}}
+    path = tmp_path / "run.yaml"
+    path.write_text("unlearn:\n  params:\n    npo: {beta: 0.3}\n")
+    assert load_config("micro", config_file=path).unlearn.params == {"npo": {"beta": 0.3}}
+    changed = fingerprints(load_config("micro")), fingerprints(cfg)
+    assert [s for s in ORDER if changed[0][s]["fingerprint"] != changed[1][s]["fingerprint"]] == ["unlearn", "evaluate"]
 
 
 def test_unknown_preset_suggests_closest():

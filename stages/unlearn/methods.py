@@ -18,7 +18,7 @@ NLL terms, it is averaged over retain answer tokens (open-unlearning averages ov
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,10 @@ class MethodSpec:
     @property
     def needs_idk(self) -> bool:  # reads idk_logp / idk_mask: the forget prompts answered with a refusal
         return "idk" in self.reference
+
+    def with_params(self, overrides: dict[str, float]) -> MethodSpec:
+        """The same method with some of its parameters replaced (unlearn.params.<name>)."""
+        return replace(self, params={**self.params, **overrides})
 
     def __call__(self, outputs: Outputs, alpha: float) -> Tensor:
         return self.loss(outputs, alpha, **self.params)
