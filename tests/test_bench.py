@@ -12,7 +12,8 @@ from bench.masks import python_masks
 from schemas import read_table
 from stages.masks import answer_segments, widen
 
-RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold"}
+RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold",
+          "memory_logprobs_vs_model"}
 
 
 def test_synthetic_corpus_passes_the_documents_schema(tmp_path):

@@ -191,6 +191,37 @@ def test_unlearn_on_micro_writes_models_and_log(micro_cfg, micro_inputs, tmp_pat
         assert math.isfinite(stats[name]["forget_loss"]) and stats[name]["peak_memory_mb"] > 0
 
 
+def test_keeping_the_reference_model_trains_the_same_weights(micro_cfg, micro_inputs, tmp_path):
+    """unlearn.reference=model computes on each batch what ref_logprobs.parquet holds: same losses, same weights."""
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.methods, cfg.unlearn.lr = ["npo_gd", "kl", "idkdpo"], 1e-3
+    runs = {}
+    for mode in ("logprobs", "model"):
+        cfg.unlearn.reference = mode
+        stats = unlearn(cfg, micro_inputs, tmp_path / mode)
+        runs[mode] = read_table(tmp_path / mode / "train_log.parquet").to_pandas(), stats
+    assert len(read_table(tmp_path / "logprobs" / "ref_logprobs.parquet")) > 0
+    assert len(read_table(tmp_path / "model" / "ref_logprobs.parquet")) == 0  # nothing precomputed
+    np.testing.assert_allclose(runs["logprobs"][0]["loss"], runs["model"][0]["loss"], rtol=1e-5, atol=1e-5)
+    target = load_file(micro_inputs["target"] / "target" / "model.safetensors")
+    for name in cfg.unlearn.methods:
+        assert runs["model"][1][name]["reference"] == "model"
+        a, b = (load_file(tmp_path / mode / name / "model.safetensors") for mode in ("logprobs", "model"))
+        assert max((a[k] - target[k]).abs().max().item() for k in a) > 1e-4  # it really trained
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_method_parameters_from_the_config_reach_the_loss(tiny, tmp_path):
+    path, data = tiny
+    u = UnlearnConfig(methods=["npo"], lr=1e-3, epochs=1, batch_size=2, params={"npo": {"beta": 2.0}})
+    spec = METHODS["npo"].with_params(u.params["npo"])
+    assert spec.params == {"beta": 2.0} and METHODS["npo"].params == {"beta": 0.1}  # the registry is untouched
+    rows, stats = train_method(u, spec, data, path, tmp_path)
+    assert stats["params"] == {"beta": 2.0}
+    # at step 1 the model is the reference, so NPO's loss is (2/β)·log 2: it reads β = 2, not the default 0.1
+    assert rows[0]["loss"] == pytest.approx(2 / 2.0 * math.log(2), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def uniform_inputs(prepared_micro, tmp_path_factory) -> dict:
     """Artifacts whose documents all have the same length and answer start, so every process's shard of a batch

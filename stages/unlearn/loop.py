@@ -31,7 +31,7 @@ from stages.common import load_documents, load_model, load_tokenizer, log, seed_
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
-from stages.unlearn.reference import Reference, reference_table
+from stages.unlearn.reference import ModelReference, Reference, reference_table
 
 TARGET_DIR = "target"  # inside the target stage's folder
 
@@ -45,7 +45,7 @@ class Data:
     forget: Split
     retain: Split
     idk: Split | None
-    reference: Reference | None
+    reference: Reference | ModelReference | None
     pad_id: int
 
 
@@ -64,7 +64,7 @@ def unlearn(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | Non
 def unlearn_in_process(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None) -> dict[str, Any]:
     """The unlearn loop in this process: a world of one, or one rank of a launched job (stages.unlearn.worker)."""
     rank, _ = init_distributed()
-    specs = [METHODS[name] for name in cfg.unlearn.methods]
+    specs = [METHODS[name].with_params(cfg.unlearn.params.get(name, {})) for name in cfg.unlearn.methods]
     data = load_data(cfg, inputs, specs, out, rank)
     rows: list[dict] = []
     stats: dict[str, Any] = {}
@@ -85,18 +85,25 @@ def load_data(cfg: Config, inputs: dict[str, Path], specs: list[MethodSpec], out
     kinds = sorted({kind for spec in specs for kind in spec.reference})
     idk = idk_split(documents, forget, tokenizer) if "idk" in kinds else None
     table = pa.Table.from_pylist([], schema=REF_LOGPROBS)
-    if kinds:  # the frozen target, once, before any method changes a copy of it
+    reference: Reference | ModelReference | None = None
+    if kinds:  # the frozen target, before any method changes a copy of it
         model = load_model(Path(inputs["target"]) / TARGET_DIR)
-        if cfg.unlearn.bf16 and torch.cuda.is_available():
-            model = model.to(torch.bfloat16)  # the same precision the bf16 engine trains in
-        splits = {"forget": forget, "idk": idk, "retain": retain}
-        table = reference_table(
-            model, {k: splits[k] for k in kinds}, tokenizer.pad_token_id, 4 * cfg.unlearn.batch_size
-        )
-        del model
-    if rank == 0:
+        if torch.cuda.is_available():
+            model = model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+            if cfg.unlearn.bf16:
+                model = model.to(torch.bfloat16)  # the same precision the bf16 engine trains in
+        if cfg.unlearn.reference == "model":
+            reference = ModelReference(model)
+        else:
+            splits = {"forget": forget, "idk": idk, "retain": retain}
+            table = reference_table(
+                model, {k: splits[k] for k in kinds}, tokenizer.pad_token_id, 4 * cfg.unlearn.batch_size
+            )
+            reference = Reference(table)
+            del model
+    if rank == 0:  # empty when no method reads reference values, or when the model itself is kept
         write_table(table, out / "ref_logprobs.parquet")
-    return Data(forget, retain, idk, Reference(table) if kinds else None, tokenizer.pad_token_id)
+    return Data(forget, retain, idk, reference, tokenizer.pad_token_id)
 
 
 def deepspeed_config(u: UnlearnConfig, world: int) -> dict[str, Any]:
@@ -195,6 +202,8 @@ def train_method(
         "step_seconds": seconds / max(1, len(rows)),
         "peak_memory_mb": peak,
         "resumed_from_step": first // u.grad_accum,
+        "params": spec.params,
+        "reference": u.reference if spec.reference else None,
     }
     if u.stop_forget_prob is not None:  # the last step always checks, so prob is that of the saved model
         stats.update(stopped_at_step=stopped, forget_prob=prob)

@@ -1,5 +1,9 @@
 """Reference values from the frozen target, computed once before any method trains, so no second model is kept.
 
+`unlearn.reference=model` keeps the frozen target in memory instead (ModelReference) and computes the same values
+batch by batch: the field's usual way, which costs a second copy of the weights during training (`python -m bench
+memory` measures it).
+
 Kinds (column `kind` of ref_logprobs.parquet):
     forget  log-probs of each forget answer token (npo, npo_gd, idkdpo, su_npo; su_npo sums the selected ones)
     idk     log-probs of each refusal answer token (idkdpo)
@@ -11,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from stages.unlearn.data import Batch, Split, collate
@@ -80,3 +85,27 @@ class Reference:
             logp[b][batch.answer_mask[b]] = torch.from_numpy(values).view(-1, k)
             ids[b][batch.answer_mask[b]] = torch.from_numpy(top_ids.astype(np.int64)).view(-1, k)
         return logp, ids
+
+
+class ModelReference:
+    """The frozen target kept in memory: the values of Reference, computed on each batch as it comes."""
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def _logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        ids = batch.input_ids.to(self.device)
+        return self.model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device)).logits.float(), ids
+
+    def token_logprobs(self, kind: str, batch: Batch) -> Tensor:
+        logits, ids = self._logits(batch)
+        return token_logprobs(logits, ids).masked_fill(~batch.answer_mask.to(self.device), 0.0)
+
+    def topk(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits, _ = self._logits(batch)
+        top_logp, top_ids = torch.log_softmax(logits[:, :-1], dim=-1).topk(min(KL_TOP_K, logits.shape[-1]), dim=-1)
+        outside = ~batch.answer_mask.to(self.device).unsqueeze(-1)  # row t-1 predicts position t, as in the table
+        return (F.pad(top_logp, (0, 0, 1, 0)).masked_fill(outside, 0.0),
+                F.pad(top_ids, (0, 0, 1, 0)).masked_fill(outside, 0))
