@@ -159,7 +159,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
         needs = ", ".join(filter(None, ["selective mask" if spec.selective else "",
                                         f"reference log-probs ({'+'.join(spec.reference)})" if spec.reference else ""]))
         print(f"  {spec.name:<9} {params:<32} {needs}")
-    print("\n  every method also takes unlearn.alpha (retain-loss weight), unlearn.lr and unlearn.epochs")
+    print("\n  set a parameter with --set unlearn.params.<method>.<param>=VALUE (e.g. unlearn.params.npo.beta=0.2)")
+    print("  every method also takes unlearn.alpha (retain-loss weight), unlearn.lr and unlearn.epochs")
+    print("  reference values come from ref_logprobs.parquet; unlearn.reference=model keeps the frozen model instead")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
