@@ -13,8 +13,8 @@ from pipeline.env import configure_environment
 configure_environment()
 
 from pipeline.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
+from pipeline.dag import ORDER  # noqa: E402
 from pipeline.serve import cmd_serve  # noqa: E402
-from pipeline.stages import ORDER  # noqa: E402
 
 log = logging.getLogger("sunlearn")
 
@@ -120,7 +120,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from pipeline import storage
-    from pipeline.stages import fingerprints
+    from pipeline.dag import fingerprints
 
     cfg = load_config(args.preset, args.config_file, args.overrides)
     cache = storage.local_cache(args.artifacts)
@@ -182,7 +182,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from pipeline import storage
-    from pipeline.stages import fingerprints
+    from pipeline.dag import fingerprints
     from stages.reports import report_from_artifacts
 
     cfg = load_config(args.preset, args.config_file, args.overrides)

@@ -1,6 +1,6 @@
 """Run configuration: typed sections, presets, `--set key=value` overrides and YAML files.
 
-Each stage fingerprints only the sections it reads (see pipeline.stages.STAGES), so changing one key recomputes
+Each stage fingerprints only the sections it reads (see pipeline.dag.STAGES), so changing one key recomputes
 exactly the stages downstream of it.
 """
 

@@ -15,9 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.states import Completed  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
-from pipeline.stages import ORDER, downstream, upstream_closure  # noqa: E402
 from schemas import read_table  # noqa: E402
 
 DEFAULT_ARTIFACTS = "artifacts"

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.cache import CacheError
 from pipeline.config import Config
-from pipeline.stages import STAGES, fingerprints, upstream_closure
+from pipeline.dag import STAGES, fingerprints, upstream_closure
 
 log = logging.getLogger("sunlearn")
 

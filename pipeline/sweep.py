@@ -19,8 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline.cache import fingerprint, write_json_atomic
 from pipeline.config import ConfigError, load_config
+from pipeline.dag import ORDER
 from pipeline.flows import DEFAULT_ARTIFACTS, run_stages
-from pipeline.stages import ORDER
 from schemas import write_table
 
 

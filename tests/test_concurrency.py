@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.cache import ArtifactCache
-from pipeline.stages import ORDER
+from pipeline.dag import ORDER
 
 pytestmark = pytest.mark.slow
 

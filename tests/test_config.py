@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.stages import ORDER, downstream, fingerprints
+from pipeline.dag import ORDER, downstream, fingerprints
 
 
 def test_overrides_are_typed():

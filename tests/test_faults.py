@@ -21,8 +21,8 @@ import pytest
 
 from pipeline.cache import MANIFEST, ArtifactCache, file_sha256
 from pipeline.config import load_config
+from pipeline.dag import ORDER, fingerprints
 from pipeline.runner import materialize
-from pipeline.stages import ORDER, fingerprints
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import ArtifactCache
+from pipeline.dag import ORDER
 from pipeline.flows import pipeline_flow, stage_flow
-from pipeline.stages import ORDER
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.dag import ORDER
 from pipeline.serve import REPO, ProcessGroup, deployment_names, pool_name
-from pipeline.stages import ORDER
 
 SUNLEARN = [sys.executable, "-m", "pipeline.cli"]
 STAGE_DEPLOYMENTS = ["prepare", "target", "assistants", "scores", "masks", "unlearn", "evaluate"]
