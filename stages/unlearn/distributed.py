@@ -86,5 +86,6 @@ def launch(
         if (job / "diverged.txt").is_file():
             raise UnlearnDiverged((job / "diverged.txt").read_text())
         if code != 0:
-            raise RuntimeError(f"unlearn: torchrun with {num_procs} processes exited with {code}; see its output above")
+            launcher = f"DeepSpeed's launcher with {hostfile}" if hostfile else f"torchrun with {num_procs} processes"
+            raise RuntimeError(f"unlearn: {launcher} exited with {code}; see its output above")
         return json.loads((job / "stats.json").read_text())
