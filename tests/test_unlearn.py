@@ -273,3 +273,15 @@ def test_two_processes_with_zero2_match_one(micro_cfg, uniform_inputs, tmp_path)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     log_one, log_two = (read_table(d / "train_log.parquet").to_pandas() for d in (one, two))
     np.testing.assert_allclose(log_one["loss"], log_two["loss"], atol=1e-5)
+
+
+def test_a_failed_multi_node_launch_names_the_launcher(micro_cfg, micro_inputs, tmp_path):
+    """With a hostfile the stage goes through DeepSpeed's real launcher; here its ssh check fails (no sshd on these
+    addresses), and the error says which launcher failed, with no model written."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.2 slots=1\n127.0.0.3 slots=1\n")
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.hostfile = str(hostfile)
+    with pytest.raises(RuntimeError, match=r"unlearn: DeepSpeed's launcher with .*hostfile exited with [1-9]"):
+        unlearn(cfg, micro_inputs, tmp_path / "out")
+    assert not any((tmp_path / "out").glob("*/model.safetensors"))
