@@ -29,6 +29,7 @@ MODEL_SPLITS = {
 }
 MAX_POSITIONS = 2048  # room for prompt + generation at evaluation; RoPE adds no parameters
 WARMUP_FRACTION = 0.05
+PROGRESS_SECONDS = 60.0  # a log line (which the Prefect UI shows) at least this often, at an epoch's end
 FINAL_LR_FRACTION = 0.1
 
 
@@ -112,7 +113,7 @@ def train_from_scratch(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total))
     generator = torch.Generator().manual_seed(tcfg.seed)
     rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    start = logged = time.perf_counter()
     model.train()
     with tqdm(total=total, desc=f"target:{name}", unit="step", leave=False) as bar:
         for epoch in range(tcfg.epochs):
@@ -141,10 +142,11 @@ def train_from_scratch(
                 )
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{rows[-1]['loss']:.3f}")
-            if epoch == tcfg.epochs - 1 or (epoch + 1) % 10 == 0:
-                log.info(
-                    "target %s: epoch %d/%d, mean loss %.4f", name, epoch + 1, tcfg.epochs, epoch_loss / steps_per_epoch
-                )
+            now = time.perf_counter()
+            if epoch == tcfg.epochs - 1 or (epoch + 1) % 10 == 0 or now - logged >= PROGRESS_SECONDS:
+                log.info("target %s: epoch %d/%d, mean loss %.4f, %.0f s", name, epoch + 1, tcfg.epochs,
+                         epoch_loss / steps_per_epoch, now - start)
+                logged = now
     train_seconds = time.perf_counter() - start
     after = teacher_forced(model, input_ids, labels, lengths, 4 * tcfg.batch_size, device)
     stats = {
