@@ -88,6 +88,9 @@ class UnlearnConfig:
     max_forget_loss: float = 50.0  # stop with an error when the forget NLL passes this bound
     checkpoint_every: int = 20  # optimizer steps between DeepSpeed checkpoints a killed run resumes from; 0: none
     stop_forget_prob: float | None = None  # stop early once exp(-forget NLL) over all forget answers is <= this
+    # optimizer steps between those checks (each is a forward pass over the forget set), plus every epoch end;
+    # 0: at each checkpoint and epoch end
+    stop_check_every: int = 0
     # per-method loss parameters over the registry's defaults: `--set unlearn.params.npo.beta=0.2`
     params: dict[str, dict[str, float]] = field(default_factory=dict)
     reference: str = "logprobs"  # logprobs: the frozen target's values, computed once | model: keep it in memory
@@ -247,6 +250,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"assistants.kind must be kenlm or llm, got {cfg.assistants.kind!r}")
     if cfg.unlearn.checkpoint_every < 0:
         raise ConfigError(f"unlearn.checkpoint_every must be >= 0 (0: off), got {cfg.unlearn.checkpoint_every}")
+    every = cfg.unlearn.stop_check_every
+    if every < 0:
+        raise ConfigError(f"unlearn.stop_check_every must be >= 0 (0: with the checkpoints), got {every}")
     stop = cfg.unlearn.stop_forget_prob
     if stop is not None and not 0.0 < stop < 1.0:
         raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean token probability), got {stop}")

@@ -28,6 +28,7 @@ def test_overrides_are_typed():
         (["unlearn.params.ga.beta=0.2"], "ga has no parameter 'beta' (it takes: none)"),
         (["unlearn.params.npo.beta=high"], "unlearn.params.npo.beta: expected float, got 'high'"),
         (["unlearn.reference=disk"], "unlearn.reference must be logprobs or model"),
+        (["unlearn.stop_check_every=-1"], "unlearn.stop_check_every must be >= 0"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, message):

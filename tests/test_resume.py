@@ -96,3 +96,27 @@ def test_early_stop_on_forget_probability(micro_cfg, micro_data, tmp_path):
     assert stats["stopped_at_step"] == 2 and len(rows) == 2
     assert stats["forget_prob"] <= 0.999
     assert (tmp_path / "b" / "graddiff" / "model.safetensors").is_file()
+
+
+def test_stop_check_every_sets_the_checked_steps(micro_cfg, micro_data, tmp_path, monkeypatch):
+    data, target = micro_data
+    checked: list[int] = []  # one entry per forget-probability check
+    measure = unlearn_loop.forget_prob
+
+    def counting(engine, *args):
+        checked.append(1)
+        return measure(engine, *args)
+
+    monkeypatch.setattr(unlearn_loop, "forget_prob", counting)
+    spec = METHODS["graddiff"]
+    u = _unlearn_cfg(micro_cfg, stop_forget_prob=1e-9)  # never reached: every due check runs
+    train_method(u, spec, data, target, tmp_path / "ckpt")
+    assert len(checked) == 4  # with the checkpoints (steps 2, 4) and at the epoch ends (3, 6)
+    checked.clear()
+    train_method(dataclasses.replace(u, stop_check_every=1), spec, data, target, tmp_path / "each")
+    assert len(checked) == 6
+
+    # every step checked: a target the model is already below stops at step 1, before the first checkpoint
+    rows, stats = train_method(dataclasses.replace(u, stop_check_every=1, stop_forget_prob=0.999), spec, data,
+                               target, tmp_path / "first")
+    assert stats["stopped_at_step"] == 1 and len(rows) == 1

@@ -180,7 +180,8 @@ def train_method(
             bar.set_postfix(forget=f"{forget_loss:.3f}", retain=f"{retain_loss:.3f}")
             due = bool(u.checkpoint_every) and step % u.checkpoint_every == 0 and micro + 1 < len(plan)
             epoch_end = micro + 1 == len(plan) or plan[micro + 1][0] != epoch
-            if u.stop_forget_prob is not None and (due or epoch_end):
+            check = step % u.stop_check_every == 0 if u.stop_check_every else due
+            if u.stop_forget_prob is not None and (check or epoch_end):
                 prob = forget_prob(engine, data, u.batch_size)
                 if prob <= u.stop_forget_prob:
                     stopped = step
