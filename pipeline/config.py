@@ -87,7 +87,7 @@ class UnlearnConfig:
     seed: int = 0
     max_forget_loss: float = 50.0  # stop with an error when the forget NLL passes this bound
     checkpoint_every: int = 20  # optimizer steps between DeepSpeed checkpoints a killed run resumes from; 0: none
-    stop_forget_prob: float | None = None  # stop early once exp(-forget NLL) over all forget answers is <= this
+    stop_forget_prob: float | None = None  # stop early once the forget probability (mean P(a|q)) is <= this
     # optimizer steps between those checks (each is a forward pass over the forget set), plus every epoch end;
     # 0: at each checkpoint and epoch end
     stop_check_every: int = 0

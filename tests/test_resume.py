@@ -6,12 +6,14 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.config import Config
-from stages.common import load_documents, load_tokenizer
+from stages.common import load_documents, load_model, load_tokenizer
+from stages.scoring import score_answers
 from stages.unlearn import METHODS
 from stages.unlearn import loop as unlearn_loop
 from stages.unlearn.data import load_split
@@ -83,13 +85,20 @@ def test_killed_unlearn_resumes_to_the_same_weights(micro_cfg, micro_data, tmp_p
     assert _weights(tmp_path / "again" / "graddiff").keys() == resumed.keys()
 
 
-def test_early_stop_on_forget_probability(micro_cfg, micro_data, tmp_path):
+def test_early_stop_on_forget_probability(micro_cfg, micro_data, prepared_micro, tmp_path):
     data, target = micro_data
     spec = METHODS["graddiff"]
     rows, stats = train_method(_unlearn_cfg(micro_cfg, stop_forget_prob=1e-9), spec, data, target, tmp_path / "a")
     assert stats["stopped_at_step"] is None and len(rows) == 6
     never = stats["forget_prob"]
     assert 1e-9 < never < 1
+    # the stop measures what evaluate reports as forget_prob: mean over forget items of exp(-mean answer NLL)
+    documents = load_documents(prepared_micro)
+    forget = documents.filter(pc.equal(documents["split"], "forget"))
+    pairs = list(zip(forget["question"].to_pylist(), forget["answer"].to_pylist(), strict=True))
+    model = load_model(tmp_path / "a" / "graddiff", "cpu")
+    scores = score_answers(model, load_tokenizer(prepared_micro), pairs, batch_size=4)
+    assert never == pytest.approx(float(np.mean(np.exp(-scores.nll_avg))), rel=1e-5)
 
     # a target the model is already below: the first check (steps 2, 3, 4 and 6 are checked) stops the loop
     rows, stats = train_method(_unlearn_cfg(micro_cfg, stop_forget_prob=0.999), spec, data, target, tmp_path / "b")

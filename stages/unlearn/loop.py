@@ -244,16 +244,17 @@ def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
 
 @torch.no_grad()
 def forget_prob(engine, data: Data, batch_size: int) -> float:
-    """exp(-mean NLL) over every forget answer token, teacher-forced: what unlearn.stop_forget_prob compares with."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    """Mean over forget items of P(a|q) = exp(-mean NLL of the answer), teacher-forced: TOFU's forget probability
+    (docs/METRICS.md), the measure unlearn.stop_forget_prob compares with and evaluate reports as forget_prob."""
+    probs = []
     for lo in range(0, len(data.forget), batch_size):
         batch = collate(data.forget, np.arange(lo, min(lo + batch_size, len(data.forget))), data.pad_id)
         ids = batch.input_ids.to(engine.device)
         logp = token_logprobs(engine(input_ids=ids, attention_mask=batch.attention_mask.to(engine.device)).logits, ids)
         mask = batch.answer_mask.to(engine.device)
-        total += (logp * mask).sum().double().cpu()
-        count += int(mask.sum())
-    return math.exp(float(total) / max(count, 1))
+        mean_logp = (logp * mask).sum(1).double() / mask.sum(1).clamp(min=1)
+        probs.append(mean_logp.exp().cpu())
+    return float(torch.cat(probs).mean()) if probs else math.nan
 
 
 def step_outputs(
