@@ -28,6 +28,7 @@ from pipeline.cache import write_json_atomic
 from pipeline.config import Config, UnlearnConfig
 from schemas import REF_LOGPROBS, TRAIN_LOG, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
+from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
@@ -242,19 +243,11 @@ def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
     return client["next_micro"], client["rows"]
 
 
-@torch.no_grad()
 def forget_prob(engine, data: Data, batch_size: int) -> float:
     """Mean over forget items of P(a|q) = exp(-mean NLL of the answer), teacher-forced: TOFU's forget probability
-    (docs/METRICS.md), the measure unlearn.stop_forget_prob compares with and evaluate reports as forget_prob."""
-    probs = []
-    for lo in range(0, len(data.forget), batch_size):
-        batch = collate(data.forget, np.arange(lo, min(lo + batch_size, len(data.forget))), data.pad_id)
-        ids = batch.input_ids.to(engine.device)
-        logp = token_logprobs(engine(input_ids=ids, attention_mask=batch.attention_mask.to(engine.device)).logits, ids)
-        mask = batch.answer_mask.to(engine.device)
-        mean_logp = (logp * mask).sum(1).double() / mask.sum(1).clamp(min=1)
-        probs.append(mean_logp.exp().cpu())
-    return float(torch.cat(probs).mean()) if probs else math.nan
+    (docs/METRICS.md), scored as evaluate scores it; what unlearn.stop_forget_prob compares with."""
+    encoded = list(zip(data.forget.input_ids, data.forget.answer_start, strict=True))
+    return float(np.mean(np.exp(-score_sequences(engine, encoded, data.pad_id, batch_size).nll_avg)))
 
 
 def step_outputs(
