@@ -255,7 +255,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unlearn.stop_check_every must be >= 0 (0: with the checkpoints), got {every}")
     stop = cfg.unlearn.stop_forget_prob
     if stop is not None and not 0.0 < stop < 1.0:
-        raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean token probability), got {stop}")
+        raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean answer probability), got {stop}")
     if cfg.unlearn.hostfile and not Path(cfg.unlearn.hostfile).expanduser().is_file():
         raise ConfigError(f"unlearn.hostfile {cfg.unlearn.hostfile} does not exist")
     if cfg.unlearn.reference not in ("logprobs", "model"):
