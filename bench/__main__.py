@@ -13,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench.report import Result, machine, main_table, write_results  # noqa: E402
-from pipeline.config import TargetConfig  # noqa: E402
+from stages.config import TargetConfig  # noqa: E402
 
 BENCHES = ("scoring", "masks", "step", "memory", "cache", "scaling", "footprint", "profile")
 RESULTS = Path(__file__).resolve().parent / "results.json"

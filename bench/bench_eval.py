@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
+from stages.config import load_config  # noqa: E402
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Result, Row
-from pipeline.config import Config, TargetConfig, load_config
+from stages.config import Config, TargetConfig, load_config
 
 METHOD = "npo_gd"  # reads the reference's log-prob of every forget answer token
 
@@ -46,7 +46,7 @@ def build_inputs(root: Path, size: TargetConfig) -> dict[str, Path]:
 
 def _unlearn_once(inputs: dict[str, Path], out: Path, reference: str) -> dict[str, Any]:
     """In a fresh process: one unlearn run; its peak RSS over the whole process lifetime, and the loop's stats."""
-    from pipeline.env import configure_environment
+    from stages.environment import configure_environment
 
     configure_environment()
     from stages.unlearn.distributed import init_distributed

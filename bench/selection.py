@@ -14,8 +14,8 @@ import itertools
 import json
 import time
 
-from pipeline.config import load_config
 from pipeline.runner import materialize_until
+from stages.config import load_config
 
 GAMMAS = ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "auto"]
 

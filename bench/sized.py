@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import write_documents
-from pipeline.config import Config
+from stages.config import Config
 
 
 @dataclass

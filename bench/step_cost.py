@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bench.report import Result, Row
-from pipeline.config import TargetConfig, UnlearnConfig
+from stages.config import TargetConfig, UnlearnConfig
 from stages.unlearn.data import Split, schedule
 from stages.unlearn.loop import Data, deepspeed_config, step_outputs
 from stages.unlearn.methods import METHODS

@@ -23,6 +23,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from schemas import write_json_atomic
+
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 SCRATCH_PREFIX = ".scratch-"
@@ -44,12 +46,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ import logging
 import sys
 from typing import Any
 
-from pipeline.env import configure_environment
+from stages.environment import configure_environment
 
 configure_environment()
 
-from pipeline.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
 from pipeline.dag import ORDER  # noqa: E402
 from pipeline.serve import cmd_serve  # noqa: E402
+from stages.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
 
 log = logging.getLogger("sunlearn")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import fingerprint
-from pipeline.config import Config
+from stages.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 

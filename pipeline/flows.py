@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.env import configure_environment
+from stages.environment import configure_environment
 
 configure_environment()
 
@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
+from stages.config import Config, load_config  # noqa: E402
 
 DEFAULT_ARTIFACTS = "artifacts"
 

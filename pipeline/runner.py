@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.cache import CacheError
-from pipeline.config import Config
 from pipeline.dag import STAGES, fingerprints, upstream_closure
+from stages.config import Config
 
 log = logging.getLogger("sunlearn")
 

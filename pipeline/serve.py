@@ -24,19 +24,13 @@ import httpx
 import psutil
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from stages.environment import LOOPBACK, REPO, free_port
+
 PREFECT_FILE = REPO / "prefect.yaml"
-LOOPBACK = "127.0.0.1"
 
 
 class ServeError(RuntimeError):
     """A process of the stack failed to start or a step timed out."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -17,11 +17,11 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.cache import fingerprint, write_json_atomic
-from pipeline.config import ConfigError, load_config
+from pipeline.cache import fingerprint
 from pipeline.dag import ORDER
 from pipeline.flows import DEFAULT_ARTIFACTS, run_stages
-from schemas import write_table
+from schemas import write_json_atomic, write_table
+from stages.config import ConfigError, load_config
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:

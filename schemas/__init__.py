@@ -6,9 +6,11 @@ naming the file and the column.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,6 +153,14 @@ def write_table(table: pa.Table, path: str | Path) -> None:
     table = table.select(schema.names).cast(schema)
     tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex[:8]}")
     pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """A JSON file written as write_table writes Parquet: a temp file, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 
 

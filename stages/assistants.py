@@ -15,8 +15,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.config import Config
 from stages.common import kenlm_sentences, load_documents, log
+from stages.config import Config
 
 ASSISTANT_SPLITS = {
     "full_retain": (("forget", "retain"), ("retain",)),

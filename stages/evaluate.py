@@ -32,10 +32,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config
 from schemas import ITEM_SCORES, METRICS, read_table, write_table
 from stages import metrics as M
 from stages.common import TOKENIZER_DIR, load_documents, load_model, load_tokenizer, prompt_text
+from stages.config import Config
 from stages.scoring import generate_greedy, prompt_ids, score_answers, score_sequences, text_ids
 
 log = logging.getLogger("sunlearn")

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, TargetConfig
 from stages.common import load_documents, load_model, load_tokenizer, pick_device
+from stages.config import Config, TargetConfig
 from stages.target import train_from_scratch
 
 SCORE_BATCH = 64

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import Config
 from schemas import read_table, write_table
 from stages.common import log
+from stages.config import Config
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

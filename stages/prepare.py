@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import Config, ConfigError, DataConfig, ModelConfig
 from schemas import DOCUMENTS, write_table
 from stages.common import SPLITS_TRAIN, TOKENIZER_DIR, log, prompt_text
+from stages.config import Config, ConfigError, DataConfig, ModelConfig
 
 OUTPUT_SPLITS = ("forget", "retain", "eval_retain", "real_authors", "world_facts")
 EVAL_RETAIN_ITEMS = 400  # TOFU's retain_perturbed size

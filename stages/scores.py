@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.config import Config
 from schemas import write_table
 from stages.common import kenlm_sentences, load_documents
+from stages.config import Config
 
 
 def flat_token_table(docs: pa.Table) -> dict[str, np.ndarray]:

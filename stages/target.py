@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, ConfigError, TargetConfig
 from schemas import write_table
 from stages.common import load_documents, load_tokenizer, log, pick_device, seed_everything
+from stages.config import Config, ConfigError, TargetConfig
 
 MODEL_SPLITS = {
     "target": ("forget", "retain", "real_authors", "world_facts"),

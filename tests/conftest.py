@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.env import configure_environment
+from stages.environment import configure_environment
 
 configure_environment()  # DS_ACCELERATOR, extension cache, Prefect settings: as the CLI sets them
 
-from pipeline.config import Config, load_config  # noqa: E402
+from stages.config import Config, load_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

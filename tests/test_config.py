@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
 from pipeline.dag import ORDER, downstream, fingerprints
+from stages.config import ConfigError, load_config
 
 
 def test_overrides_are_typed():

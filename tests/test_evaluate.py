@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import Config
 from schemas import DOCUMENTS, read_table, write_table
 from stages.common import TOKENIZER_DIR, encode_qa
+from stages.config import Config
 from stages.evaluate import TOFU_METRICS, evaluate, format_table
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cache import MANIFEST, ArtifactCache, file_sha256
-from pipeline.config import load_config
 from pipeline.dag import ORDER, fingerprints
 from pipeline.runner import materialize
+from stages.config import load_config
 
 pytestmark = pytest.mark.slow
 

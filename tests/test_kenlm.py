@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import Config
 from schemas import read_table, write_table
 from stages.assistants import KenLMError, train_assistants
+from stages.config import Config
 from stages.scores import score_tokens
 
 

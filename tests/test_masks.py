@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import load_config
 from schemas import read_table, write_table
+from stages.config import load_config
 from stages.masks import answer_segments, build_masks, document_starts, otsu_threshold, widen
 
 

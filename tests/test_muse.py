@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from data.news import news_files, write_news
-from pipeline.config import ConfigError, load_config
 from schemas import read_table
+from stages.config import ConfigError, load_config
 from stages.evaluate import MUSE_METRICS, TOFU_METRICS, evaluate
 from stages.prepare import MUSE_CHUNK_TOKENS, prepare
 

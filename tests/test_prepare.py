@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from data.embedded import generate
-from pipeline.config import ConfigError, load_config
 from schemas import read_table
 from stages.common import encode_qa, load_tokenizer
+from stages.config import ConfigError, load_config
 from stages.prepare import embedded_splits, prepare, train_tokenizer
 
 TOFU_DIR = Path(__file__).resolve().parents[2] / "shared/data/tofu"

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import Config
 from stages.common import load_documents, load_model, load_tokenizer
+from stages.config import Config
 from stages.scoring import score_answers
 from stages.unlearn import METHODS
 from stages.unlearn import loop as unlearn_loop

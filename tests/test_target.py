@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import ConfigError, load_config
 from schemas import read_table
 from stages.common import load_documents, load_tokenizer, seed_everything
+from stages.config import ConfigError, load_config
 from stages.prepare import prepare
 from stages.target import MODEL_SPLITS, batch_tensors, build_model, teacher_forced, train_target
 

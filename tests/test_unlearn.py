@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline.config import UnlearnConfig
 from schemas import DOCUMENTS, MASKS, read_table, write_table
 from stages.common import load_documents, load_tokenizer
+from stages.config import UnlearnConfig
 from stages.unlearn import METHODS, UnlearnDiverged, unlearn
 from stages.unlearn.data import Split, attach_selection, collate, load_split
 from stages.unlearn.distributed import init_distributed

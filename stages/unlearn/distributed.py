@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.serve import free_port
-
-REPO = Path(__file__).resolve().parents[2]
+from stages.environment import REPO, free_port
 
 
 def init_distributed() -> tuple[int, int]:

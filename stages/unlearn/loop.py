@@ -24,10 +24,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import write_json_atomic
-from pipeline.config import Config, UnlearnConfig
-from schemas import REF_LOGPROBS, TRAIN_LOG, write_table
+from schemas import REF_LOGPROBS, TRAIN_LOG, write_json_atomic, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
+from stages.config import Config, UnlearnConfig
 from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
+from stages.config import Config
 from stages.unlearn.loop import UnlearnDiverged, unlearn_in_process
 
 
