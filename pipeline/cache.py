@@ -107,6 +107,12 @@ class ArtifactCache:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def shared(self, name: str) -> Path:
+        """A folder under the root that artifacts of several fingerprints share (content-keyed inside)."""
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def _scratch_path(self, entry: Entry) -> Path:
         return entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}"
 

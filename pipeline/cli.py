@@ -90,7 +90,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary["metrics"]:
         import pyarrow as pa
 
-        from stages.evaluate import format_table
+        from stages.reports import format_table
 
         print()
         print(format_table(pa.Table.from_pylist(summary["metrics"])))

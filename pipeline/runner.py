@@ -59,8 +59,12 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
                     "inputs": {k: str(v) for k, v in inputs.items()}}
             function = spec.function()
-            # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill
-            extra = {"scratch": cache.scratch(entry)} if "scratch" in inspect.signature(function).parameters else {}
+            # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill;
+            # evaluate keeps per-item results per weights in one folder every evaluate artifact shares
+            params = inspect.signature(function).parameters
+            extra = {"scratch": cache.scratch(entry)} if "scratch" in params else {}
+            if "eval_cache" in params:
+                extra["eval_cache"] = cache.shared("eval_cache")
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             storage.publish(artifacts, entry)
             status = "ran"

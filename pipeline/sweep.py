@@ -69,21 +69,23 @@ def sweep_flow(
         logger.info("sweep point %d/%d: %s", i, len(points), point)
         cfg = load_config(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())])
         summary = run_stages(cfg, ORDER, artifacts, set())
-        rows += [{**m, **{f"grid.{k}": v for k, v in point.items()}} for m in summary["metrics"]]
+        rows += [{**m, "point": i - 1, **{f"grid.{k}": v for k, v in point.items()}} for m in summary["metrics"]]
     frame = pl.DataFrame(rows)
     out = Path(artifacts) / "sweeps" / fingerprint({"grid": parsed, "preset": preset, "overrides": overrides})
     out.mkdir(parents=True, exist_ok=True)
     write_table(
         pa.table({
-            "point": [points.index({k[5:]: r[k] for k in r if k.startswith("grid.")}) for r in rows],
+            "point": frame["point"].to_list(),
             "params": [json.dumps({k[5:]: r[k] for k in r if k.startswith("grid.")}) for r in rows],
             "model": frame["model"].to_list(),
+            "step": frame["step"].to_list(),
             "metric": frame["metric"].to_list(),
             "value": frame["value"].to_list(),
         }),
         out / "sweep_metrics.parquet",
     )
-    summary_frame = summarise(frame, seeds_key if seeds_key in parsed else None)
+    final = frame.filter(pl.col("step") == pl.col("step").max().over(["point", "model"]))
+    summary_frame = summarise(final.drop("point", "step"), seeds_key if seeds_key in parsed else None)
     write_json_atomic(out / "summary.json", summary_frame.to_dicts())
     create_markdown_artifact(key="sweep-summary", markdown=_markdown(summary_frame), description="sunlearn sweep")
     return {"path": str(out), "points": points, "rows": rows, "summary": summary_frame.to_dicts()}
