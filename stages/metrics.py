@@ -1,7 +1,7 @@
 """TOFU and MUSE metrics as pure functions over per-item NLLs, log-probs and generations, found by name in
 METRIC_FUNCTIONS.
 
-Definitions follow /work/shared/docs/METRICS.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
+Definitions follow docs/metrics.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
 guards, the same libraries (rouge_score for ROUGE-L, scipy.stats.ks_2samp for forget quality, scipy.stats.hmean for
 utility, sklearn.metrics.roc_auc_score for PrivLeak). Per-item functions take arrays of average answer NLLs:
 `correct` of shape (n,) and `perturbed` of shape (n, k), NaN-padded where an item has fewer than k perturbed answers.
@@ -196,7 +196,7 @@ def exact_memorization(correct: Sequence[np.ndarray]) -> np.ndarray:
 def extraction_strength(correct: Sequence[np.ndarray]) -> np.ndarray:
     """Per item 1 - k*/|y|, k* the smallest k with argmax == label at every position from k on.
 
-    If even the last position is wrong, k* = |y| and the score is 0, as METRICS.md defines it (open-unlearning's
+    If even the last position is wrong, k* = |y| and the score is 0, as docs/metrics.md defines it (open-unlearning's
     loop stops at k = |y| - 1 and reports 1/|y| there).
     """
     out = []
