@@ -208,7 +208,7 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         f"- {len(points)} runs; mean ± std over `{study.seeds_key}`" if study.seeds_key in study.grid else
         f"- {len(points)} runs, one seed each",
         "",
-        matched_markdown(rows) or "No matched comparison: no curve has a forget axis value.",
+        matched_markdown(rows).rstrip() or "No matched comparison: no curve has a forget axis value.",
         "",
     ]
     if has_png:
