@@ -168,7 +168,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    documents = load_documents(inputs["prepare"]).drop_columns(["gold"]).to_pylist()
+    documents = load_documents(inputs["prepare"]).to_pylist()
     tokenizer = load_tokenizer(inputs["prepare"])
     sets = eval_sets(documents, cfg)
     models = models_to_evaluate(cfg, inputs)
