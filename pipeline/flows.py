@@ -103,6 +103,7 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
         by_stage = {s["name"]: s for s in summary["stages"]}
         results.append({"metrics": summary["metrics"],
                         "fingerprints": {name: s["fingerprint"] for name, s in by_stage.items()},
+                        "paths": {name: s["path"] for name, s in by_stage.items()},
                         "masks": by_stage["masks"]["stats"]})
     page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR)
     create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),

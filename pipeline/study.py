@@ -214,7 +214,8 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     if has_png:
         page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
     final = final_markdown(curves, references)
-    page += [final, "", selection_markdown(study, results), "", runs_markdown(points, results)]
+    page += [final, "", utility_markdown(curves, references), "", retain_losses_markdown(study, results), "",
+             selection_markdown(study, results), "", runs_markdown(points, results)]
     md = out_dir / f"{study.name}.md"
     md.write_text("\n".join(page).rstrip() + "\n")
     headline = [r for r in rows if r.axis == study.axes[0] and r.level_name == "common"]
@@ -280,6 +281,76 @@ def final_markdown(curves: list[Curve], references: dict[str, dict[str, float]])
             cells.append(f"{_cell(float(v.mean()))} ± {_cell(float(v.std(ddof=1)))}" if len(v) > 1 else _cell(v[0]))
         lines.append(f"| {method} | {len(finals)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+UTILITY_PARTS = [f"{p}_{m}" for p in ("retain", "ra", "wf") for m in ("prob", "rouge", "truth_ratio")]
+FORGET_TOKENS = ("forget_fact_nll", "forget_template_nll")
+
+
+def utility_markdown(curves: list[Curve], references: dict[str, dict[str, float]]) -> str:
+    """Where each final model loses utility (the nine numbers it is the harmonic mean of), and how its forget
+    answers' fact and template tokens moved."""
+    from stages.reports import _cell
+
+    seen = {name for c in curves for name in c.metrics[-1]}
+    columns = [c for c in (*UTILITY_PARTS, *FORGET_TOKENS) if c in seen]
+    if not columns:
+        return ""
+    lines = ["## Where the utility goes", "",
+             "The nine numbers model utility is the harmonic mean of (retain set, real authors, world facts), and the "
+             "NLL of the forget answers' gold tokens (names, facts: unlearning should raise it) and of their other "
+             "tokens (the template: SU means to keep it), per final model, mean over seeds.", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    rows = [(name, [values]) for name, values in references.items()]
+    rows += [(m, [c.metrics[-1] for c in curves if c.method == m]) for m in dict.fromkeys(c.method for c in curves)]
+    for name, finals in rows:
+        cells = [_cell(float(np.nanmean([f.get(col, math.nan) for f in finals]))) for col in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def retain_losses_markdown(study: Study, results: list[dict[str, Any]], top: int = 5) -> str:
+    """The retain items whose answer probability each variant's final model lowers most from the target's."""
+    import polars as pl
+
+    frames = []
+    for point, result in zip(study_points(study), results, strict=True):
+        path = Path(result.get("paths", {}).get("evaluate", "")) / "item_scores.parquet"
+        if not path.is_file():
+            continue
+        items = pl.read_parquet(path).filter((pl.col("split") == "eval_retain") & (pl.col("item") == "prob"))
+        items = items.filter(pl.col("step") == pl.col("step").max().over("model"))
+        target = items.filter(pl.col("model") == "target").select("doc_id", pl.col("value").alias("target"))
+        methods = items.filter(~pl.col("model").is_in(["target", "retain"])).join(target, on="doc_id")
+        n_methods = methods["model"].n_unique()
+        frames.append(methods.with_columns(
+            pl.col("model").map_elements(lambda m, p=point, k=n_methods: point_label(p, m, k), return_dtype=pl.String)
+            .alias("label"), (pl.col("target") - pl.col("value")).alias("drop")))
+    if not frames:
+        return ""
+    drops = (pl.concat(frames).group_by(["label", "doc_id"], maintain_order=True)
+             .agg(pl.col("drop").mean(), pl.col("target").mean()))
+    questions = _questions(results[0].get("paths", {}).get("prepare"))
+    lines = ["## Retain items lost most", "",
+             f"Per model, the {top} retain items whose answer probability falls most from the target's (mean over "
+             "seeds).", "",
+             "| model | item | question | answer probability, target → model |", "|---|---|---|---:|"]
+    for label in dict.fromkeys(drops["label"].to_list()):
+        worst = drops.filter(pl.col("label") == label).sort("drop", descending=True).head(top)
+        for row in worst.iter_rows(named=True):
+            question = questions.get(row["doc_id"], "").replace("|", "/")
+            lines.append(f"| {label} | {row['doc_id']} | {question} | {row['target']:.3f} → "
+                         f"{row['target'] - row['drop']:.3f} |")
+    return "\n".join(lines)
+
+
+def _questions(prepare_dir: str | None) -> dict[str, str]:
+    if not prepare_dir or not (Path(prepare_dir) / "documents.parquet").is_file():
+        return {}
+    from schemas import read_table
+
+    table = read_table(Path(prepare_dir) / "documents.parquet", columns=["doc_id", "question"])
+    return {d: q or "" for d, q in zip(table["doc_id"].to_pylist(), table["question"].to_pylist(), strict=True)}
 
 
 def selection_markdown(study: Study, results: list[dict[str, Any]]) -> str:
