@@ -311,36 +311,37 @@ def utility_markdown(curves: list[Curve], references: dict[str, dict[str, float]
 
 def retain_losses_markdown(study: Study, results: list[dict[str, Any]], top: int = 5) -> str:
     """The retain items whose answer probability each variant's final model lowers most from the target's."""
-    import polars as pl
+    from schemas import read_table
 
-    frames = []
+    drops: dict[str, dict[str, list[tuple[float, float]]]] = {}  # label -> doc -> [(target, model)] over seeds
     for point, result in zip(study_points(study), results, strict=True):
         path = Path(result.get("paths", {}).get("evaluate", "")) / "item_scores.parquet"
         if not path.is_file():
             continue
-        items = pl.read_parquet(path).filter((pl.col("split") == "eval_retain") & (pl.col("item") == "prob"))
-        items = items.filter(pl.col("step") == pl.col("step").max().over("model"))
-        target = items.filter(pl.col("model") == "target").select("doc_id", pl.col("value").alias("target"))
-        methods = items.filter(~pl.col("model").is_in(["target", "retain"])).join(target, on="doc_id")
-        n_methods = methods["model"].n_unique()
-        frames.append(methods.with_columns(
-            pl.col("model").map_elements(lambda m, p=point, k=n_methods: point_label(p, m, k), return_dtype=pl.String)
-            .alias("label"), (pl.col("target") - pl.col("value")).alias("drop")))
-    if not frames:
+        rows = [r for r in read_table(path, columns=["model", "step", "split", "doc_id", "item", "value"]).to_pylist()
+                if r["split"] == "eval_retain" and r["item"] == "prob"]
+        last = {}
+        for r in rows:
+            last[r["model"]] = max(last.get(r["model"], r["step"]), r["step"])
+        final = {(r["model"], r["doc_id"]): r["value"] for r in rows if r["step"] == last[r["model"]]}
+        methods = [m for m in last if m not in ("target", "retain")]
+        for (model, doc), value in final.items():
+            if model in methods and ("target", doc) in final:
+                label = point_label(point, model, len(methods))
+                drops.setdefault(label, {}).setdefault(doc, []).append((final[("target", doc)], value))
+    if not drops:
         return ""
-    drops = (pl.concat(frames).group_by(["label", "doc_id"], maintain_order=True)
-             .agg(pl.col("drop").mean(), pl.col("target").mean()))
     questions = _questions(results[0].get("paths", {}).get("prepare"))
     lines = ["## Retain items lost most", "",
              f"Per model, the {top} retain items whose answer probability falls most from the target's (mean over "
              "seeds).", "",
              "| model | item | question | answer probability, target → model |", "|---|---|---|---:|"]
-    for label in dict.fromkeys(drops["label"].to_list()):
-        worst = drops.filter(pl.col("label") == label).sort("drop", descending=True).head(top)
-        for row in worst.iter_rows(named=True):
-            question = questions.get(row["doc_id"], "").replace("|", "/")
-            lines.append(f"| {label} | {row['doc_id']} | {question} | {row['target']:.3f} → "
-                         f"{row['target'] - row['drop']:.3f} |")
+    for label, docs in drops.items():
+        means = {doc: np.mean(pairs, axis=0) for doc, pairs in docs.items()}
+        for doc in sorted(means, key=lambda d: means[d][1] - means[d][0])[:top]:
+            before, after = means[doc]
+            question = questions.get(doc, "").replace("|", "/")
+            lines.append(f"| {label} | {doc} | {question} | {before:.3f} → {after:.3f} |")
     return "\n".join(lines)
 
 
