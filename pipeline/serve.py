@@ -293,7 +293,8 @@ def serve(
         env["PREFECT_API_AUTH_STRING"] = auth_string(auth_file)  # the worker, its flow runs and the deploy step
     try:
         server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-        server_env["PREFECT_SERVER_UI_API_URL"] = api_url  # the UI in the browser calls this, not port 4200
+        # the UI in the browser calls this (not port 4200), unless it must go through a proxy
+        server_env.setdefault("PREFECT_SERVER_UI_API_URL", api_url)
         if auth_file is not None:
             server_env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
         if db == "postgres":
