@@ -24,8 +24,9 @@ from stages.config import Config, ConfigError, load_config
 from stages.environment import REPO
 
 DEFAULT_ARTIFACTS = "artifacts"
-# config keys that name local files or folders; a hub id (`org/name`) is not a path and passes
+# config keys that name local files or folders; the first three may name a hub id (`org/name`) instead, which passes
 PATH_KEYS = ("data.path", "model.name", "model.retain_name", "evaluate.retain_logs", "unlearn.hostfile")
+HUB_KEYS = PATH_KEYS[:3]
 
 
 class ParameterError(ConfigError):
@@ -79,10 +80,11 @@ def check_config_paths(cfg: Config, roots: Roots) -> None:
 
 
 def _is_local_path(key: str, value: str | None) -> bool:
-    """The stages' own rule: a value that starts like a path, or names something that exists, is a local path."""
+    """The stages' own rule for a key that takes a hub id: a value that starts like a path, or names something that
+    exists, is a local path."""
     if not value or (key == "data.path" and value == "embedded"):
         return False
-    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+    return key not in HUB_KEYS or value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
 
 
 def _inside(value: str, roots: Sequence[str], urls: bool = True) -> bool:

@@ -74,7 +74,8 @@ def test_local_config_paths_must_sit_in_a_data_root(roots, tmp_path):
     saved.mkdir(parents=True)
     check_config_paths(load_config("micro", overrides=[f"model.name={saved}"]), roots)  # artifacts are a data root
     for key, value in (("data.path", "/etc"), ("model.name", str(tmp_path)), ("model.retain_name", "/"),
-                       ("evaluate.retain_logs", str(tmp_path / "data" / ".." / "configs"))):
+                       ("evaluate.retain_logs", str(tmp_path / "data" / ".." / "configs")),
+                       ("evaluate.retain_logs", "not/a/hub/id.json")):
         cfg = load_config("micro", overrides=["data.source=tofu", f"{key}={value}"])
         with pytest.raises(ParameterError) as err:
             check_config_paths(cfg, roots)
