@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(report)
 
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
-    serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the server listens on (default: 127.0.0.1; any other needs --auth)")
+    serve.add_argument("--auth", action="store_true",
+                       help="require the auth string kept in HOME/auth_string (created mode 0600) from every client")
     serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
     serve.add_argument("--db", default="sqlite", help="sqlite | postgres (a local cluster) | postgresql+asyncpg://...")
     serve.add_argument("--artifacts", default="artifacts", help="artifact root the deployments use")

@@ -1,4 +1,7 @@
-"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs."""
+"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs.
+
+A run started through the server keeps its paths inside the worker's allowed roots (pipeline/confinement.py).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
+from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
 from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
-from stages.config import Config, load_config  # noqa: E402
-
-DEFAULT_ARTIFACTS = "artifacts"
+from stages.config import Config  # noqa: E402
 
 
 def _summary_markdown(result: StageResult) -> str:
@@ -67,7 +69,7 @@ def pipeline_flow(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """prepare → target → assistants → scores → masks → unlearn → evaluate, each stage cached by fingerprint."""
-    cfg = load_config(preset, config_file, overrides or [])
+    cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, ORDER, artifacts, set(downstream(force)) if force else set())
 
 
@@ -81,7 +83,7 @@ def stage_flow(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """One stage: reuse cached upstream, compute only what is missing, and with `force` recompute this stage."""
-    cfg = load_config(preset, config_file, overrides or [])
+    cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, upstream_closure(stage), artifacts, {stage} if force else set())
 
 
