@@ -101,7 +101,7 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
     results = []
     for i, point in enumerate(points, 1):
         logger.info("study %s: run %d/%d: %s", study.name, i, len(points), " ".join(point.overrides))
-        summary = run_stages(load_config(study.preset, None, point.overrides), ORDER, artifacts, set())
+        summary = run_stages(load_confined(study.preset, None, point.overrides, artifacts), ORDER, artifacts, set())
         by_stage = {s["name"]: s for s in summary["stages"]}
         results.append({"metrics": summary["metrics"],
                         "fingerprints": {name: s["fingerprint"] for name, s in by_stage.items()},
