@@ -61,7 +61,7 @@ def evaluate_model(model, tokenizer, sets) -> dict:
     return {name: spec.run(model, tokenizer) for name, spec in sets.items()}
 
 
-def run(preset: str, overrides: list[str], items: int | None = None):
+def run(preset: str, overrides: list[str]):
     """snapshot_eval: seconds of one model's evaluation now over the same with generate(), a trained tiny target."""
     import numpy as np
 
@@ -80,9 +80,6 @@ def run(preset: str, overrides: list[str], items: int | None = None):
         model = load_model(root / "target" / "target").eval()
         documents = load_documents(root / "prepare").drop_columns(["gold"]).to_pylist()
     sets = evaluate_stage.eval_sets(documents, cfg)
-    if items is not None:
-        for spec in sets.values():
-            spec.rows[:] = spec.rows[:items]
     seconds, results = {}, {}
     for label in ("now", "generate()", "now ", "generate() "):  # twice each, interleaved: load hits both alike
         evaluate_stage.generate_greedy = generate_with_hf if label.startswith("generate") else GENERATE_NOW

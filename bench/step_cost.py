@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def one_step(engine, name: str, data: Data, forget_rows, retain_rows, u: Unlearn
     return time.perf_counter() - start
 
 
-def run(steps: int, target: TargetConfig) -> Result:
+def run(steps: int, target: TargetConfig, big: TargetConfig | None = None) -> Result:
     from stages.unlearn.distributed import init_distributed
 
     init_distributed()
@@ -126,6 +127,18 @@ def run(steps: int, target: TargetConfig) -> Result:
             f"{memory_ratio:.3f}×", "≈ 1×"),
     ]
     result.ratios = {"su_vs_graddiff_step": ratio}
+    for model, n, key in [(target, steps, "unlearn_vs_bare"), (big, max(4, steps // 5), "unlearn_vs_bare_big")]:
+        if model is None:
+            continue
+        ours, bare, diff, n_steps = unlearn_vs_bare(model, n)
+        size = f"{model.num_layers}×{model.hidden_size}"
+        result.rows.append(Row(f"unlearn loop vs bare PyTorch loop, {size}",
+                               f"steps/s, su, {n_steps} steps, embedded batches (weights within {diff:.1g} rel.)",
+                               f"{ours:.2f}/s", f"{bare:.2f}/s", f"{ours / bare:.3f}×", "≥ 0.9×"))
+        result.ratios[key if model is target else f"unlearn_vs_bare_{model.num_layers}x{model.hidden_size}"] = (
+            ours / bare)
+        result.details[key] = {"steps_per_second": ours, "bare_steps_per_second": bare, "max_rel_weight_diff": diff,
+                               "steps": n_steps, "model": size}
     result.details = {"median_seconds": median, "mean_seconds": {k: float(np.mean(v)) for k, v in seconds.items()},
                       "saved_bytes": saved_bytes, "memory_ratio": memory_ratio, "cuda_peak_mb": cuda_peak,
                       "steps": steps, "batch_size": u.batch_size,
@@ -172,7 +185,8 @@ def sunlearn_loop(fx: LoopFixture, name: str = "su") -> tuple[float, dict[str, t
     from safetensors.torch import load_file
 
     out = fx.workdir / "sunlearn"
-    rows, stats = train_method(fx.u, METHODS[name], fx.data, fx.target_dir, out)
+    shutil.rmtree(out, ignore_errors=True)
+    _, stats = train_method(fx.u, METHODS[name], fx.data, fx.target_dir, out)
     return stats["steps"] / stats["seconds"], load_file(out / name / "model.safetensors")
 
 
@@ -197,3 +211,22 @@ def bare_loop(fx: LoopFixture, name: str = "su") -> tuple[float, dict[str, torch
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     return len(plan) / seconds, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unlearn_vs_bare(target: TargetConfig, steps: int) -> tuple[float, float, float, int]:
+    """(sunlearn steps/s, bare steps/s, max relative weight difference, steps): each loop twice, interleaved, best
+    of two, so that load on the machine hits both alike."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        fx = loop_fixture(Path(tmp), target, steps)
+        ours, bare = [], []
+        for _ in range(2):
+            speed, bare_weights = bare_loop(fx)
+            bare.append(speed)
+            speed, our_weights = sunlearn_loop(fx)
+            ours.append(speed)
+        diff = max(((our_weights[k] - bare_weights[k]).abs().max() / bare_weights[k].abs().max()).item()
+                   for k in our_weights)
+        n_steps = len(schedule(len(fx.data.forget), len(fx.data.retain), fx.u.batch_size, fx.u.epochs, fx.u.seed))
+    return max(ours), max(bare), diff, n_steps

@@ -37,7 +37,8 @@ def micro_data(prepared_micro: Path, trained_micro: Path, tmp_path_factory) -> t
 
 def _unlearn_cfg(micro_cfg: Config, **changes):
     # 12 forget rows, batch 4: 3 steps an epoch, 6 in all; a higher lr so that the weights move visibly
-    return dataclasses.replace(micro_cfg.unlearn, epochs=2, lr=2e-3, checkpoint_every=2, snapshot_every=1, **changes)
+    settings = {"epochs": 2, "lr": 2e-3, "checkpoint_every": 2, "snapshot_every": 1, **changes}
+    return dataclasses.replace(micro_cfg.unlearn, **settings)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
