@@ -94,6 +94,10 @@ class UnlearnConfig:
     # per-method loss parameters over the registry's defaults: `--set unlearn.params.npo.beta=0.2`
     params: dict[str, dict[str, float]] = field(default_factory=dict)
     reference: str = "logprobs"  # logprobs: the frozen target's values, computed once | model: keep it in memory
+    # optimizer steps between snapshots of each method's weights (snapshots/<method>/step-<k>/), for curves; 0: none
+    snapshot_every: int = 0
+    # optimizer steps between divergence checks (each waits for the device); every save is checked first anyway
+    divergence_check_every: int = 10
 
 
 @dataclass
@@ -260,6 +264,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unlearn.hostfile {cfg.unlearn.hostfile} does not exist")
     if cfg.unlearn.reference not in ("logprobs", "model"):
         raise ConfigError(f"unlearn.reference must be logprobs or model, got {cfg.unlearn.reference!r}")
+    if cfg.unlearn.snapshot_every < 0:
+        raise ConfigError(f"unlearn.snapshot_every must be >= 0 (0: off), got {cfg.unlearn.snapshot_every}")
+    if cfg.unlearn.divergence_check_every < 1:
+        raise ConfigError(f"unlearn.divergence_check_every must be >= 1, got {cfg.unlearn.divergence_check_every}")
     if cfg.unlearn.num_procs < 1:
         raise ConfigError(f"unlearn.num_procs must be >= 1, got {cfg.unlearn.num_procs}")
     if not cfg.unlearn.methods:
@@ -269,6 +277,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"unknown method {method!r}{suggest(method, METHODS)}")
     if cfg.model.name and not Path(cfg.model.name).exists() and cfg.model.name.startswith((".", "/", "~")):
         raise ConfigError(f"model path {cfg.model.name} does not exist")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A Config from a nested dict such as Config.to_dict() writes, through the same coercion and validation."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
 
 
 def load_config(

@@ -46,13 +46,6 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def world_size() -> int:
-    """The size of the world this process belongs to (1 when no launcher started it)."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def launch(
     config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int, hostfile: str | None = None
 ) -> dict[str, Any]:

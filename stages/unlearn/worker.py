@@ -9,22 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-from stages.config import Config
+from stages.config import config_from_dict
 from stages.unlearn.loop import UnlearnDiverged, unlearn_in_process
-
-
-def config_from_dict(tree: dict) -> Config:
-    cfg = Config()
-    for section, values in tree.items():
-        for key, value in values.items():
-            setattr(getattr(cfg, section), key, value)
-    return cfg
 
 
 def main(job: Path, out: Path) -> None:
     import torch
 
-    cfg = config_from_dict(json.loads((job / "config.json").read_text()))
+    tree = json.loads((job / "config.json").read_text())
+    tree["unlearn"]["hostfile"] = None  # the launcher has read it; a remote node need not hold the file
+    cfg = config_from_dict(tree)
     inputs = {k: Path(v) for k, v in json.loads((job / "inputs.json").read_text()).items()}
     try:
         stats = unlearn_in_process(cfg, inputs, out)
