@@ -58,16 +58,28 @@ def generate_with_hf(model, tokenizer, prompts: Sequence[list[int]], max_new_tok
 
 
 def evaluate_model(model, tokenizer, sets) -> dict:
-    return {name: spec.run(model, tokenizer) for name, spec in sets.items()}
+    """Every eval set's per-item values, as the evaluate stage computes them for one model."""
+    out = {}
+    for name, eval_set in sets.items():
+        passes = eval_set.run(model, tokenizer)
+        out[name] = {item.name: item.fn(passes) for item in eval_set.items}
+    return out
+
+
+def use_generation(generate) -> None:
+    """Point the suites' generation at `generate` (they import it by name)."""
+    from stages.evaluate import muse, tofu
+
+    tofu.generate_greedy = muse.generate_greedy = generate
 
 
 def run(preset: str, overrides: list[str]):
     """snapshot_eval: seconds of one model's evaluation now over the same with generate(), a trained tiny target."""
     import numpy as np
 
-    import stages.evaluate as evaluate_stage
     from bench.report import Result, Row
     from stages.common import load_documents, load_model, load_tokenizer
+    from stages.evaluate.stage import eval_sets
     from stages.prepare import prepare
     from stages.target import train_target
 
@@ -78,15 +90,15 @@ def run(preset: str, overrides: list[str]):
         train_target(cfg, {"prepare": root / "prepare"}, root / "target")
         tokenizer = load_tokenizer(root / "prepare")
         model = load_model(root / "target" / "target").eval()
-        documents = load_documents(root / "prepare").drop_columns(["gold"]).to_pylist()
-    sets = evaluate_stage.eval_sets(documents, cfg)
+        documents = load_documents(root / "prepare").to_pylist()
+    sets = eval_sets(documents, cfg)
     seconds, results = {}, {}
     for label in ("now", "generate()", "now ", "generate() "):  # twice each, interleaved: load hits both alike
-        evaluate_stage.generate_greedy = generate_with_hf if label.startswith("generate") else GENERATE_NOW
+        use_generation(generate_with_hf if label.startswith("generate") else GENERATE_NOW)
         start = time.perf_counter()
         results[label.strip()] = evaluate_model(model, tokenizer, sets)
         seconds[label.strip()] = min(seconds.get(label.strip(), np.inf), time.perf_counter() - start)
-    evaluate_stage.generate_greedy = GENERATE_NOW
+    use_generation(GENERATE_NOW)
     same = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
                for name in sets for a, b in [(results["now"][name], results["generate()"][name])] for k in a)
     ratio = seconds["now"] / seconds["generate()"]
@@ -109,7 +121,7 @@ def main() -> None:
     import torch
 
     from stages.common import load_documents, load_tokenizer
-    from stages.evaluate import SPLITS, evaluate_split
+    from stages.evaluate.tofu import QA_SETS, run_qa
     from stages.prepare import prepare
     from stages.target import build_model
 
@@ -118,14 +130,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(cfg, {}, Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
-        rows = load_documents(Path(tmp), ("forget",)).drop_columns(["gold"]).to_pylist()[: args.items]
+        rows = load_documents(Path(tmp), ("forget",)).to_pylist()[: args.items]
     model = build_model(cfg.target, tokenizer).eval()
-    spec = SPLITS[0]
     timings = {}
     for label, batch_size in (("batched", cfg.evaluate.batch_size), ("one at a time", 1)):
-        cfg.evaluate.batch_size = batch_size
         start = time.perf_counter()
-        evaluate_split(model, tokenizer, rows, cfg, spec)
+        run_qa(model, tokenizer, rows, QA_SETS[0], args.new_tokens, batch_size)
         timings[label] = time.perf_counter() - start
     print(f"items={len(rows)} new_tokens={args.new_tokens} threads={torch.get_num_threads()}")
     for label, seconds in timings.items():

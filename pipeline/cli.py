@@ -96,6 +96,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print()
     for s in summary["stages"]:
         print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")
+        if s["name"] == "unlearn" and s["status"] == "ran":
+            methods = {m: v for m, v in s["stats"].items() if isinstance(v, dict)}
+            trained = [m for m, v in methods.items() if not v.get("reused")] or ["none"]
+            reused = [m for m, v in methods.items() if v.get("reused")] or ["none"]
+            print(f"  {'':<11} trained {', '.join(trained)}; reused {', '.join(reused)} (same settings, earlier run)")
     if summary["metrics"]:
         import pyarrow as pa
 

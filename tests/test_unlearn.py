@@ -304,3 +304,23 @@ def test_a_failed_multi_node_launch_names_the_launcher(micro_cfg, micro_inputs, 
     with pytest.raises(RuntimeError, match=r"unlearn: DeepSpeed's launcher with .*hostfile exited with [1-9]"):
         unlearn(cfg, micro_inputs, tmp_path / "out")
     assert not any((tmp_path / "out").glob("*/model.safetensors"))
+
+
+def test_methods_are_trained_once_per_their_own_settings(micro_cfg, micro_inputs, tmp_path):
+    """Adding a method trains only it; another mask retrains only the methods that read one."""
+    cache = tmp_path / "method_cache"
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.methods = ["su"]
+    first = unlearn(cfg, micro_inputs, tmp_path / "first", method_cache=cache)
+    cfg.unlearn.methods = ["su", "graddiff"]
+    second = unlearn(cfg, micro_inputs, tmp_path / "second", method_cache=cache)
+    assert not first["su"].get("reused") and second["su"]["reused"] and not second["graddiff"].get("reused")
+    weights = {run: load_file(tmp_path / run / "su" / "model.safetensors") for run in ("first", "second")}
+    assert all(torch.equal(weights["first"][k], weights["second"][k]) for k in weights["first"])
+    log = read_table(tmp_path / "second" / "train_log.parquet").to_pandas()
+    assert log["model"].drop_duplicates().tolist() == ["su", "graddiff"]
+
+    other_mask = tmp_path / "every_token"
+    write_masks(micro_inputs["prepare"], other_mask, every=1)
+    third = unlearn(cfg, {**micro_inputs, "masks": other_mask}, tmp_path / "third", method_cache=cache)
+    assert not third["su"].get("reused") and third["graddiff"]["reused"]  # graddiff reads no mask

@@ -7,6 +7,7 @@ every unlearn.checkpoint_every steps and resumes from the newest one; a method t
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -24,12 +25,13 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from schemas import REF_LOGPROBS, TRAIN_LOG, write_json_atomic, write_table
+from schemas import REF_LOGPROBS, TRAIN_LOG, read_table, write_json_atomic, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
 from stages.config import Config, UnlearnConfig
 from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
+from stages.unlearn.method_cache import method_key, restore, store
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
 from stages.unlearn.reference import ModelReference, Reference, reference_table
 
@@ -49,16 +51,42 @@ class Data:
     pad_id: int
 
 
-def unlearn(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None) -> dict[str, Any]:
+def unlearn(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None,
+            method_cache: Path | None = None) -> dict[str, Any]:
     """Unlearn with every method of cfg.unlearn.methods; writes out/<method>/, train_log and ref_logprobs.
 
-    `scratch` holds checkpoints and finished methods of an earlier, killed run of the same config.
+    `scratch` holds checkpoints and finished methods of an earlier, killed run of the same config; `method_cache`
+    holds methods trained by earlier runs (stages.unlearn.method_cache), which are linked in, not trained again.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.unlearn.hostfile or cfg.unlearn.num_procs > 1:
-        return launch(cfg.to_dict(), inputs, out, cfg.unlearn.num_procs, cfg.unlearn.hostfile)
-    return unlearn_in_process(cfg, inputs, out, scratch)
+    specs = {name: METHODS[name].with_params(cfg.unlearn.params.get(name, {})) for name in cfg.unlearn.methods}
+    entries = {name: method_cache / method_key(cfg, spec, inputs, TARGET_DIR) for name, spec in specs.items()} \
+        if method_cache is not None else {}
+    cached = {name: result for name, entry in entries.items() if (result := restore(entry, out, name)) is not None}
+    todo = [name for name in cfg.unlearn.methods if name not in cached]
+    stats: dict[str, Any] = {}
+    rows: dict[str, list[dict]] = {name: result["rows"] for name, result in cached.items()}
+    if todo:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.unlearn.methods = todo
+        if cfg.unlearn.hostfile or cfg.unlearn.num_procs > 1:
+            stats = launch(run_cfg.to_dict(), inputs, out, cfg.unlearn.num_procs, cfg.unlearn.hostfile)
+        else:
+            stats = unlearn_in_process(run_cfg, inputs, out, scratch)
+        for row in read_table(out / "train_log.parquet").to_pylist():
+            rows.setdefault(row["model"], []).append(row)
+        for name in todo:
+            if name in entries:
+                store(entries[name], out, name, rows.get(name, []), stats[name])
+    else:  # every method came from the cache: nothing read reference values
+        write_table(pa.Table.from_pylist([], schema=REF_LOGPROBS), out / "ref_logprobs.parquet")
+    for name, result in cached.items():
+        log.info("unlearn %s: reusing the model an earlier run trained with the same settings", name)
+        stats[name] = {**result["stats"], "reused": True}
+    ordered = [row for name in cfg.unlearn.methods for row in rows.get(name, [])]
+    write_table(pa.Table.from_pylist(ordered, schema=TRAIN_LOG), out / "train_log.parquet")
+    return {name: stats[name] for name in cfg.unlearn.methods}
 
 
 def unlearn_in_process(cfg: Config, inputs: dict[str, Path], out: Path, scratch: Path | None = None) -> dict[str, Any]:

@@ -35,8 +35,8 @@ def _folder_digest(folder: Path, prefix: str = "") -> str:
                  if rel.startswith(prefix)}
     else:
         root = folder / prefix if prefix else folder
-        files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                 for p in sorted(root.rglob("*")) if p.is_file()}
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
