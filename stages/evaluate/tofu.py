@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stages import metrics as M
-from stages.evaluate.specs import HIGHER, LOWER, Derived, ItemValue, Metric, mean, nanmean
+from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 
@@ -44,6 +44,14 @@ class QAPasses:
     nll_perturbed: np.ndarray  # (n, k) NaN-padded
     argmax_correct: list[np.ndarray]  # per item, per answer token
     generations: list[str]
+    token_logprobs: list[np.ndarray]  # per item, per answer token
+
+
+@dataclass
+class HoldoutPasses:
+    """One model's teacher-forced answer-token log-probs on the holdout set (questions no model trained on)."""
+
+    token_logprobs: list[np.ndarray]
 
 
 def run_qa(model, tokenizer, rows: list[dict[str, Any]], qa: QASet, max_new_tokens: int, batch_size: int) -> QAPasses:
@@ -73,7 +81,19 @@ def run_qa(model, tokenizer, rows: list[dict[str, Any]], qa: QASet, max_new_toke
         nll_perturbed[i, j] = nll[at]
     prompts = [prompt_ids(tokenizer, r["question"]) for r in rows]
     generations = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return QAPasses(rows, nll_answer, nll_correct, nll_perturbed, scores.argmax_correct[:n], generations)
+    return QAPasses(rows, nll_answer, nll_correct, nll_perturbed, scores.argmax_correct[:n], generations,
+                    scores.token_logprobs[:n])
+
+
+def run_holdout(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> HoldoutPasses:
+    """Answer-token log-probs of every holdout item, scored as the forget answers are."""
+    scores = score_answers(model, tokenizer, [(r["question"], r["answer"]) for r in rows], batch_size)
+    return HoldoutPasses(scores.token_logprobs)
+
+
+def before_eos(per_token: list[np.ndarray]) -> list[np.ndarray]:
+    """Each item's answer positions without the last one (EOS), which open-unlearning's memorisation metrics skip."""
+    return [t[:-1] for t in per_token]
 
 
 def fact_words(row: dict[str, Any]) -> list[str]:
@@ -100,8 +120,10 @@ TRUTH_RATIO = ItemValue("truth_ratio", lambda p: M.truth_ratio(p.nll_correct, p.
 ROUGE = ItemValue("rouge", lambda p: M.rouge_l_recall(p.generations, [r["answer"] for r in p.rows]))
 GENERATION = ItemValue("generation", lambda p: p.generations, text=True)
 FACT_RECALL = ItemValue("fact_recall", lambda p: M.fact_recall(p.generations, [fact_words(r) for r in p.rows]))
-EXACT_MEMORIZATION = ItemValue("exact_memorization", lambda p: M.exact_memorization(p.argmax_correct))
-EXTRACTION_STRENGTH = ItemValue("extraction_strength", lambda p: M.extraction_strength(p.argmax_correct))
+EXACT_MEMORIZATION = ItemValue("exact_memorization", lambda p: M.exact_memorization(before_eos(p.argmax_correct)))
+EXTRACTION_STRENGTH = ItemValue("extraction_strength", lambda p: M.extraction_strength(before_eos(p.argmax_correct)))
+MIN_K = ItemValue("min_k", lambda p: M.min_k_percent(before_eos(p.token_logprobs)))  # open-unlearning's mia_min_k
+HOLDOUT = "holdout"  # eval set of a TOFU folder's holdoutNN.json
 
 
 def _qa_metrics(qa: QASet, prob: ItemValue, truth_ratio_aggregate, better: str, what: str) -> list[Metric]:
@@ -127,6 +149,16 @@ def _model_utility(values, items, retain_items, reference) -> float:
     return M.model_utility([values.get(m, math.nan) for m in UTILITY_INPUTS])
 
 
+def _privleak(values, items, retain_items, reference) -> float:
+    """MUSE's PrivLeak on TOFU as open-unlearning's TOFU suite computes it: Min-K% AUC of forget against holdout
+    answers, relative to the retain model's AUC (or a retain log's mia_min_k)."""
+    def auc(of: dict) -> float:
+        return M.forget_holdout_auc(of["forget"]["min_k"], of[HOLDOUT]["min_k"])
+
+    have_retain = retain_items and HOLDOUT in retain_items
+    return M.privleak(auc(items), auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan))
+
+
 FORGET, RETAIN, RA, WF = QA_SETS
 METRICS: list[Metric | Derived] = [
     *_qa_metrics(FORGET, PROB, M.truth_ratio_closer_to_1, LOWER, "the forget set"),
@@ -144,5 +176,7 @@ METRICS: list[Metric | Derived] = [
            "share of forget answer tokens the teacher-forced argmax gets right"),
     Metric("extraction_strength", "forget", EXTRACTION_STRENGTH, nanmean, LOWER,
            "share of the forget answer's suffix the teacher-forced argmax gets right"),
+    Derived("tofu_privleak", ("forget", HOLDOUT), (MIN_K,), _privleak, ZERO,
+            "Min-K% AUC of forget against holdout answers, relative to the retain model's (0 is best)"),
 ]
 STORED = {qa.split: (GENERATION,) for qa in QA_SETS}  # kept per item for reading; no metric aggregates them

@@ -30,6 +30,7 @@ from stages.config import Config, UnlearnConfig
 from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
+from stages.unlearn.lora import merged, trainable, with_lora
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
 from stages.unlearn.reference import ModelReference, Reference, reference_table
 
@@ -132,8 +133,8 @@ def train_method(
         log.info("unlearn %s: reusing the model a killed run finished", spec.name)
         return result["rows"], {**result["stats"], "reused": True}
     seed_everything(u.seed)
-    model = load_model(target_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr)
+    model = with_lora(load_model(target_dir), u.lora)
+    optimizer = torch.optim.AdamW(trainable(model), lr=u.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(u, world))
     plan = schedule(len(data.forget), len(data.retain), u.batch_size, u.epochs, u.seed, min_rows=world)
     plan = plan[: len(plan) // u.grad_accum * u.grad_accum]  # only whole optimizer steps
@@ -300,7 +301,8 @@ def check_divergence(
 
 
 def save_model(engine, zero_stage: int, path: Path, rank: int) -> None:
-    """Rank 0 writes safetensors; under ZeRO-3 every rank first gathers the full parameters."""
+    """Rank 0 writes safetensors (LoRA adapters merged in); under ZeRO-3 every rank first gathers the full
+    parameters."""
     import deepspeed
 
     if zero_stage == 3:
@@ -308,7 +310,7 @@ def save_model(engine, zero_stage: int, path: Path, rank: int) -> None:
             if rank == 0:
                 engine.module.save_pretrained(path)
     elif rank == 0:
-        engine.module.save_pretrained(path)
+        merged(engine.module).save_pretrained(path)
     torch.distributed.barrier()
 
 
