@@ -64,7 +64,7 @@ def test_lora_config_keys_and_zero3(micro_cfg):
     assert (cfg.unlearn.lora.r, cfg.unlearn.lora.alpha, cfg.unlearn.lora.target_modules) == (8, 32.0,
                                                                                             ["q_proj", "v_proj"])
     with pytest.raises(ConfigError, match="did you mean"):
-        load_config("micro", overrides=["unlearn.lora.rank=8"])
+        load_config("micro", overrides=["unlearn.lora.alpah=8"])
     with pytest.raises(ConfigError, match="ZeRO-3"):
         load_config("micro", overrides=["unlearn.lora.r=8", "unlearn.zero_stage=3"])
 
