@@ -1,7 +1,7 @@
 """TOFU and MUSE metrics as pure functions over per-item NLLs, log-probs and generations, found by name in
 METRIC_FUNCTIONS.
 
-Definitions follow /work/shared/docs/METRICS.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
+Definitions follow docs/metrics.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
 guards, the same libraries (rouge_score for ROUGE-L, scipy.stats.ks_2samp for forget quality, scipy.stats.hmean for
 utility, sklearn.metrics.roc_auc_score for PrivLeak). Per-item functions take arrays of average answer NLLs:
 `correct` of shape (n,) and `perturbed` of shape (n, k), NaN-padded where an item has fewer than k perturbed answers.

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from stages.environment import configure_environment
+# no test reads or writes the user's ~/.prefect database, and none reaches the hub (a hub-only source fails at once)
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sunlearn-tests-prefect-")
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+from stages.environment import configure_environment  # noqa: E402
 
 configure_environment()  # DS_ACCELERATOR, extension cache, Prefect settings: as the CLI sets them
 

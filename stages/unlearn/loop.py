@@ -245,7 +245,7 @@ def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
 
 def forget_prob(engine, data: Data, batch_size: int) -> float:
     """Mean over forget items of P(a|q) = exp(-mean NLL of the answer), teacher-forced: TOFU's forget probability
-    (docs/METRICS.md), scored as evaluate scores it; what unlearn.stop_forget_prob compares with."""
+    (docs/metrics.md), scored as evaluate scores it; what unlearn.stop_forget_prob compares with."""
     encoded = list(zip(data.forget.input_ids, data.forget.answer_start, strict=True))
     return float(np.mean(np.exp(-score_sequences(engine, encoded, data.pad_id, batch_size).nll_avg)))
 
