@@ -32,7 +32,7 @@ PARETO_AXES = (("model_utility", "forget_quality", True, True), ("knowmem_r", "v
 RESULT_COLUMNS = (
     "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_fact_recall", "retain_fact_recall",
     "forget_truth_ratio", "exact_memorization", "extraction_strength", "verbmem_f", "knowmem_f", "knowmem_r",
-    "privleak",
+    "privleak", "tofu_privleak",
 )  # fmt: skip
 SELECTION_DOCS = 60  # forget documents shown in selection.html
 
@@ -67,7 +67,8 @@ def results_markdown(metrics: dict[str, dict[str, float]]) -> str:
         "",
         "Higher is better: forget_quality (KS p-value against the retain model), model_utility, retain_*, knowmem_r. "
         "Lower is better on the forget set: forget_rouge, forget_fact_recall, exact_memorization, "
-        "extraction_strength, verbmem_f, knowmem_f. privleak: near 0 is best. Definitions: docs/metrics.md.",
+        "extraction_strength, verbmem_f, knowmem_f. privleak, tofu_privleak: near 0 is best. "
+        "Definitions: docs/metrics.md.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.common import encode_qa
+from stages.common import encode_prompts, encode_qa
 
 
 @dataclass
@@ -31,9 +31,8 @@ class AnswerScores:
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
-    """The prompt exactly as encode_qa tokenizes it for training (BOS included when the tokenizer adds one)."""
-    ids, answer_start = encode_qa(tokenizer, question, "")
-    return ids[:answer_start]
+    """The prompt exactly as encode_qa tokenizes it for training, in the tokenizer's prompt format."""
+    return encode_prompts(tokenizer, [question])[0]
 
 
 def text_ids(tokenizer, text: str) -> list[int]:

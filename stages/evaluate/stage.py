@@ -99,6 +99,8 @@ def eval_sets(documents: list[dict[str, Any]], cfg: Config) -> dict[str, EvalSet
                                             batch_size=batch))
             else:
                 log.warning("no %s items: its metrics and model_utility will be NaN", qa.split)
+        if rows := by_split.get(tofu.HOLDOUT):
+            add(tofu.HOLDOUT, rows, partial(tofu.run_holdout, rows=rows, batch_size=batch))
     if rows := by_split.get("verbmem"):
         add("verbmem", rows, partial(muse.run_verbmem, rows=rows, max_new_tokens=new_tokens, batch_size=batch))
     for name, icl_split in muse.KNOWMEM_SETS.items():
@@ -227,7 +229,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
         "evaluated": len(models),
         "cache_hits": hits,
         "seconds": round(time.perf_counter() - start, 2),
-        "summary": {name: {m: v[m] for m in ("forget_quality", "model_utility", "privleak") if m in v}
+        "summary": {name: {m: v[m] for m in ("forget_quality", "model_utility", "privleak", "tofu_privleak") if m in v}
                     for name, v in final.items()},
     }
 

@@ -31,6 +31,7 @@ from stages.config import Config, UnlearnConfig
 from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
+from stages.unlearn.lora import merged, trainable, with_lora
 from stages.unlearn.method_cache import method_key, restore, store
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
 from stages.unlearn.reference import ModelReference, Reference, reference_table
@@ -207,8 +208,8 @@ def start_run(
     import deepspeed
 
     seed_everything(u.seed)
-    model = load_model(target_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=u.lr)
+    model = with_lora(load_model(target_dir), u.lora)
+    optimizer = torch.optim.AdamW(trainable(model), lr=u.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(u, world))
     if world == 1 and u.zero_stage == 0:  # averaging gradients over a world of one copies them for nothing
         engine.enable_backward_allreduce = False
@@ -432,7 +433,8 @@ def check_divergence(
 
 
 def save_model(engine, zero_stage: int, path: Path, rank: int) -> None:
-    """Rank 0 writes safetensors; under ZeRO-3 every rank first gathers the full parameters."""
+    """Rank 0 writes safetensors (LoRA adapters merged in); under ZeRO-3 every rank first gathers the full
+    parameters."""
     import deepspeed
 
     if zero_stage == 3:
@@ -440,7 +442,7 @@ def save_model(engine, zero_stage: int, path: Path, rank: int) -> None:
             if rank == 0:
                 engine.module.save_pretrained(path)
     elif rank == 0:
-        engine.module.save_pretrained(path)
+        merged(engine.module).save_pretrained(path)
     torch.distributed.barrier()
 
 
