@@ -44,7 +44,9 @@ def _run(cfg, root: Path) -> dict[tuple[str, str], float]:
 
 def test_muse_news_with_an_empty_article_runs_end_to_end(tmp_path, caplog):
     folder = _real_like_news(tmp_path / "news")
-    cfg = load_config("muse", overrides=[f"data.path={folder}", "data.limit=3", "target.epochs=40", *SMALL])
+    # wide enough to memorise the three kept articles, so VerbMem separates the target from the retain model
+    cfg = load_config("muse", overrides=[f"data.path={folder}", "data.limit=3", "target.epochs=40", *SMALL,
+                                         "target.hidden_size=128", "target.intermediate_size=256", "target.lr=5e-3"])
     with caplog.at_level(logging.WARNING, logger="sunlearn"):
         values = _run(cfg, tmp_path)
     skipped = [r.getMessage() for r in caplog.records if "empty texts" in r.getMessage()]
@@ -74,9 +76,12 @@ def _qa(i: int, who: str) -> dict:
 
 
 def test_tofu_holdout_file_gives_tofu_privleak(tmp_path, tofu_folder):
-    folder = tofu_folder(tmp_path / "tofu", [_qa(i, "Forgotten Author") for i in range(8)],
-                         [_qa(i, "Kept Author") for i in range(8)])
-    holdout = [{"question": q["question"], "answer": q["answer"]} for q in (_qa(i, "Unseen Author") for i in range(8))]
+    # forget and holdout share the template, the name and the numbers' familiarity (the retain set has every number):
+    # only having trained on the forget answers separates them, so the retain model's AUC stays away from 1
+    folder = tofu_folder(tmp_path / "tofu", [_qa(i, "Forgotten Author") for i in range(0, 16, 2)],
+                         [_qa(i, "Kept Author") for i in range(16)])
+    holdout = [{"question": q["question"], "answer": q["answer"]}
+               for q in (_qa(i, "Forgotten Author") for i in range(1, 16, 2))]
     (folder / "holdout10.json").write_text(json.dumps(holdout))
     cfg = load_config("tofu", overrides=[f"data.path={folder}", "target.epochs=30", "evaluate.retain_eval_items=4",
                                          *SMALL])
