@@ -63,9 +63,9 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             # unlearn keeps trained methods and evaluate per-item results in folders every artifact shares
             params = inspect.signature(function).parameters
             extra = {"scratch": cache.scratch(entry)} if "scratch" in params else {}
-            for name in ("eval_cache", "method_cache"):  # results keyed by content, shared by every artifact
-                if name in params:
-                    extra[name] = cache.shared(name)
+            for shared in ("eval_cache", "method_cache"):  # results keyed by content, shared by every artifact
+                if shared in params:
+                    extra[shared] = cache.shared(shared)
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             storage.publish(artifacts, entry)
             status = "ran"
