@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default="sqlite", help="sqlite | postgres (a local cluster) | postgresql+asyncpg://...")
     serve.add_argument("--artifacts", default="artifacts", help="artifact root the deployments use")
     serve.add_argument("--home", help="PREFECT_HOME of the server: database, logs (default: .cache/prefect)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="process workers to start; more than one take one flow run each at a time (default: 1)")
     return parser
 
 

@@ -99,7 +99,7 @@ def run_points(
     if via_deployment:
         outcomes = _on_the_pool(full, preset, artifacts, config_file, parallel)
     elif parallel > 1:
-        outcomes = _in_processes(full, preset, artifacts, config_file, parallel)
+        outcomes = in_worker_processes(full, preset, artifacts, config_file, parallel)
     else:
         outcomes = [_here(point, preset, artifacts, config_file) for point in full]
     return [
@@ -144,12 +144,13 @@ def run_point_process(point: list[str], preset: str, artifacts: str, config_file
     return _metrics(preset, config_file, point, artifacts)
 
 
-def _in_processes(
-    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, parallel: int
+def in_worker_processes(
+    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int
 ) -> list[dict[str, Any]]:
+    """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}."""
     outcomes: list[dict[str, Any]] = [{} for _ in points]
     # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_point_process, point, preset, artifacts, config_file): i
                    for i, point in enumerate(points)}
         for future in as_completed(futures):

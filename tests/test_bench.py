@@ -46,5 +46,6 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert RATIOS <= set(results["ratios"])
     assert all(v > 0 for v in results["ratios"].values())
     assert results["benches"]["masks"]["identical"]
+    assert results["benches"]["sweep_parallel"]["tables_equal"]
     assert results["quick"] and results["machine"]["cores"] >= 1
     assert "| benchmark |" in results["table"]

@@ -1,0 +1,126 @@
+"""The UI story in a real browser (Debian's chromium through selenium): re-run the masks stage from its deployment's
+Custom run form, watch it complete, open its masks-summary artifact. A screenshot of each step lands in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_server import REPO, sunlearn_serve
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> None:
+    setup = subprocess.run(["bash", str(REPO / ".ci" / "system-deps"), "chromium", "chromium-driver"],
+                           capture_output=True, text=True, timeout=900)
+    if setup.returncode != 0 or not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.skip(f"chromium cannot be installed here: {(setup.stderr or setup.stdout).strip()[-200:]}")
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")),
+                              options=options)
+    driver.implicitly_wait(20)
+    yield driver
+    driver.quit()
+
+
+def _until(check: Callable[[], object], timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _by_text(text: str) -> str:
+    """XPath of the innermost element whose text is `text`."""
+    return f"//*[normalize-space()='{text}' and not(*[normalize-space()='{text}'])]"
+
+
+@pytest.mark.timeout(900)
+def test_rerun_the_masks_stage_from_the_ui_form(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    steps: list[str] = []
+
+    def shot(name: str) -> None:
+        steps.append(name)
+        assert browser.save_screenshot(str(shots / f"{len(steps):02d}-{name}.png"))
+
+    artifacts = tmp_path / "artifacts"
+    with sunlearn_serve(tmp_path, artifacts) as (ui_url, _, _):
+        browser.get(ui_url)
+        _until(lambda: browser.find_elements(By.XPATH, _by_text("Deployments")), 60, "the UI's navigation")
+        shot("ui")
+        browser.find_element(By.XPATH, "//a[normalize-space()='Deployments']").click()
+        browser.find_element(By.XPATH, "//a[normalize-space()='masks']").click()
+        _until(lambda: "/deployments/deployment/" in browser.current_url, 30, "the masks deployment page")
+        shot("masks-deployment")
+
+        browser.find_element(By.XPATH, "//button[normalize-space()='Run']").click()
+        browser.find_element(By.XPATH, _by_text("Custom run")).click()
+        _until(lambda: "/run" in browser.current_url, 30, "the custom run form")
+        fields = _until(lambda: browser.find_elements(By.TAG_NAME, "textarea"), 30, "the parameter fields")
+        assert [f.get_attribute("value") for f in fields][:2] == ["masks", "embedded"]
+        fields[1].clear()
+        fields[1].send_keys("micro")
+        browser.find_element(By.XPATH, "//button[normalize-space()='Add item']").click()
+        fields = _until(lambda: [f for f in browser.find_elements(By.TAG_NAME, "textarea")
+                                 if f.get_attribute("value") == ""], 30, "the new overrides item")
+        fields[0].send_keys("masks.gamma=0.3")
+        shot("custom-run-form")
+        browser.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+
+        run_link = _until(lambda: browser.find_elements(By.XPATH, "//a[contains(@href, '/runs/flow-run/')]"), 60,
+                          "the new flow run in the deployment's runs")
+        run_link[0].click()
+        _until(lambda: "/runs/flow-run/" in browser.current_url, 30, "the flow run page")
+        shot("flow-run")
+
+        def final_state() -> str:
+            badges = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "p.state-badge")]
+            if badges and badges[0] in {"Completed", "Failed", "Crashed", "Cancelled"}:
+                return badges[0]
+            browser.refresh()
+            return ""
+
+        state = _until(final_state, 600, "the flow run to finish", every=5)
+        shot("flow-run-finished")
+        assert state == "Completed"
+
+        browser.find_element(By.XPATH, _by_text("Artifacts")).click()
+        summary = _until(lambda: [a for a in browser.find_elements(By.XPATH, "//a[contains(@href, '/artifacts/')]")
+                                  if "masks-summary" in a.text], 60, "the masks-summary artifact card")
+        summary[0].click()
+        page = _until(lambda: (t := browser.find_element(By.TAG_NAME, "body").text) and "fingerprint" in t and t,
+                      60, "the artifact's markdown")
+        shot("masks-summary")
+
+    manifests = [json.loads(p.read_text()) for p in artifacts.glob("masks/*/manifest.json")]
+    assert [m["config"]["masks"]["gamma"] for m in manifests] == [0.3]
+    assert manifests[0]["fingerprint"] in page and "masks (ran)" in page
+    assert sorted(p.name for p in shots.iterdir()) == [f"{i:02d}-{n}.png" for i, n in enumerate(steps, 1)]
+    assert all(Path(p).stat().st_size > 10_000 for p in shots.iterdir())
