@@ -101,9 +101,10 @@ def test_rerun_the_masks_stage_from_the_ui_form(tmp_path, browser):
         shot("flow-run")
 
         def final_state() -> str:
-            badges = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "p.state-badge")]
-            if badges and badges[0] in {"Completed", "Failed", "Crashed", "Cancelled"}:
-                return badges[0]
+            # the UI's default (V2, which the root opens) marks a state badge with its state's colour class
+            badges = browser.find_elements(By.XPATH, "//span[@data-slot='badge' and contains(@class, 'bg-state-')]")
+            if badges and badges[0].text in {"Completed", "Failed", "Crashed", "Cancelled"}:
+                return badges[0].text
             browser.refresh()
             return ""
 
