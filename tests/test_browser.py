@@ -53,6 +53,20 @@ def _until(check: Callable[[], object], timeout: float, what: str, every: float 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _click(browser, xpath: str, timeout: float = 30) -> None:
+    """Click the element at `xpath`, finding it again when the UI re-rendered it between the find and the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            browser.find_element("xpath", xpath).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    _until(attempt, timeout, f"a clickable {xpath}", every=0.5)
+
+
 def _by_text(text: str) -> str:
     """XPath of the innermost element whose text is `text`."""
     return f"//*[normalize-space()='{text}' and not(*[normalize-space()='{text}'])]"
@@ -75,28 +89,27 @@ def test_rerun_the_masks_stage_from_the_ui_form(tmp_path, browser):
         browser.get(ui_url)
         _until(lambda: browser.find_elements(By.XPATH, _by_text("Deployments")), 60, "the UI's navigation")
         shot("ui")
-        browser.find_element(By.XPATH, "//a[normalize-space()='Deployments']").click()
-        browser.find_element(By.XPATH, "//a[normalize-space()='masks']").click()
+        _click(browser, "//a[normalize-space()='Deployments']")
+        _click(browser, "//a[normalize-space()='masks']")
         _until(lambda: "/deployments/deployment/" in browser.current_url, 30, "the masks deployment page")
         shot("masks-deployment")
 
-        browser.find_element(By.XPATH, "//button[normalize-space()='Run']").click()
-        browser.find_element(By.XPATH, _by_text("Custom run")).click()
+        _click(browser, "//button[normalize-space()='Run']")
+        _click(browser, _by_text("Custom run"))
         _until(lambda: "/run" in browser.current_url, 30, "the custom run form")
         fields = _until(lambda: browser.find_elements(By.TAG_NAME, "textarea"), 30, "the parameter fields")
         assert [f.get_attribute("value") for f in fields][:2] == ["masks", "embedded"]
         fields[1].clear()
         fields[1].send_keys("micro")
-        browser.find_element(By.XPATH, "//button[normalize-space()='Add item']").click()
+        _click(browser, "//button[normalize-space()='Add item']")
         fields = _until(lambda: [f for f in browser.find_elements(By.TAG_NAME, "textarea")
                                  if f.get_attribute("value") == ""], 30, "the new overrides item")
         fields[0].send_keys("masks.gamma=0.3")
         shot("custom-run-form")
-        browser.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
-
-        run_link = _until(lambda: browser.find_elements(By.XPATH, "//a[contains(@href, '/runs/flow-run/')]"), 60,
-                          "the new flow run in the deployment's runs")
-        run_link[0].click()
+        _click(browser, "//button[normalize-space()='Submit']")
+        _until(lambda: browser.find_elements(By.XPATH, "//a[contains(@href, '/runs/flow-run/')]"), 60,
+               "the new flow run in the deployment's runs")
+        _click(browser, "//a[contains(@href, '/runs/flow-run/')]")
         _until(lambda: "/runs/flow-run/" in browser.current_url, 30, "the flow run page")
         shot("flow-run")
 
@@ -112,10 +125,10 @@ def test_rerun_the_masks_stage_from_the_ui_form(tmp_path, browser):
         shot("flow-run-finished")
         assert state == "Completed"
 
-        browser.find_element(By.XPATH, _by_text("Artifacts")).click()
-        summary = _until(lambda: [a for a in browser.find_elements(By.XPATH, "//a[contains(@href, '/artifacts/')]")
-                                  if "masks-summary" in a.text], 60, "the masks-summary artifact card")
-        summary[0].click()
+        _click(browser, _by_text("Artifacts"))
+        card = "//a[contains(@href, '/artifacts/') and .//*[normalize-space()='masks-summary']]"
+        _until(lambda: browser.find_elements(By.XPATH, card), 60, "the masks-summary artifact card")
+        _click(browser, card)
         page = _until(lambda: (t := browser.find_element(By.TAG_NAME, "body").text) and "fingerprint" in t and t,
                       60, "the artifact's markdown")
         shot("masks-summary")
