@@ -15,7 +15,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from bench.report import Result, machine, main_table, write_results  # noqa: E402
 from stages.config import TargetConfig  # noqa: E402
 
-BENCHES = ("scoring", "masks", "step", "eval", "memory", "cache", "scaling", "footprint", "profile")
+BENCHES = ("scoring", "masks", "step", "eval", "memory", "cache", "sweep_parallel", "scaling", "footprint",
+           "profile")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -71,6 +72,10 @@ def run_bench(name: str, sizes: Sizes, runs) -> Result:
         from bench import cache
 
         return cache.run("micro", list(sizes.cache_overrides))
+    if name == "sweep_parallel":
+        from bench import sweep_parallel
+
+        return sweep_parallel.run("micro", list(sizes.cache_overrides))
     if name == "scaling":
         from bench import scaling
 

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.states import Completed  # noqa: E402
 
 from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
-from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
+from pipeline.dag import ORDER, STAGES, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
@@ -49,8 +49,14 @@ def stage_task(name: str, cfg: Config, artifacts: str, force: bool = False) -> A
 
 
 def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str]) -> dict[str, Any]:
-    # a cached stage returns a Cached state, so take every result from its state
-    results = [stage_task(name, cfg, artifacts, force=name in forced, return_state=True).result() for name in stages]
+    """Submit every stage at once, each waiting for the futures of its upstream stages: independent stages (target
+    and assistants) run concurrently and the UI's graph shows the DAG. Results come back in `stages` order."""
+    futures: dict[str, Any] = {}
+    for name in stages:
+        waits = [futures[up] for up in STAGES[name].upstream if up in futures]
+        futures[name] = stage_task.submit(name, cfg, artifacts, force=name in forced, wait_for=waits)
+    # in run order, so the first error raised is the root failure, not a downstream stage that never started
+    results = [futures[name].result() for name in stages]
     metrics: list[dict[str, Any]] = []
     if stages[-1] == "evaluate":
         evaluate_dir = Path(results[-1]["path"])

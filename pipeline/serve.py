@@ -253,6 +253,7 @@ class Stack:
     procs: ProcessGroup
     deployments: list[str]
     auth_file: Path | None = None  # holds the auth string every client must send; None: no auth (loopback only)
+    workers: int = 1  # each takes one flow run at a time, as one per GPU node would
 
 
 def _prefect(*args: str) -> list[str]:
@@ -269,8 +270,11 @@ def serve(
     prefect_file: Path = PREFECT_FILE,
     timeout: float = 180,
     auth: bool = False,
+    workers: int = 1,
 ) -> Iterator[Stack]:
-    """Start database (for postgres), server, work pool, deployments and worker; stop all of them on exit."""
+    """Start database (for postgres), server, work pool, deployments and worker(s); stop all of them on exit.
+
+    With `workers` > 1, each worker takes one flow run at a time, as one per GPU node would on a cluster."""
     if not auth and not is_loopback(host):
         raise ServeError(f"--host {host} is reachable from other machines, and anyone who reaches the server can run "
                          "code on its workers: add --auth, or keep the default 127.0.0.1")
@@ -313,12 +317,16 @@ def serve(
         wait_until(lambda: _healthy(api_url), timeout, f"the Prefect server at {api_url}", procs)
         pool = pool_name(prefect_file)
         procs.run("work-pool", _prefect("work-pool", "create", pool, "--type", "process", "--overwrite"), env, timeout)
-        # the worker starts while the deployments are created: both take tens of seconds
-        procs.start("worker", _prefect("worker", "start", "--pool", pool, "--type", "process",
-                                       "--name", f"sunlearn-{socket.gethostname()}"), env)
+        # the workers start while the deployments are created: both take tens of seconds
+        for i in range(workers):
+            name = f"sunlearn-{socket.gethostname()}" + (f"-{i + 1}" if workers > 1 else "")
+            limit = ["--limit", "1"] if workers > 1 else []
+            procs.start(f"worker-{i + 1}" if workers > 1 else "worker",
+                        _prefect("worker", "start", "--pool", pool, "--type", "process", "--name", name, *limit), env)
         procs.run("deploy", _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)), env,
                   timeout)
-        yield Stack(ui_url, api_url, pool, db, artifacts, procs, deployment_names(prefect_file), auth_file)
+        yield Stack(ui_url, api_url, pool, db, artifacts, procs, deployment_names(prefect_file), auth_file,
+                    workers)
     finally:
         procs.stop()
 
@@ -352,7 +360,8 @@ def describe(stack: Stack) -> str:
         f"Prefect UI:   {stack.ui_url}",
         f"API:          {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the prefect CLI)",
         f"database:     {stack.db}",
-        f"work pool:    {stack.pool} (process), one worker on this machine",
+        f"work pool:    {stack.pool} (process), "
+        + ("one worker" if stack.workers == 1 else f"{stack.workers} workers, one flow run each") + " on this machine",
         f"artifacts:    {stack.artifacts}",
         "deployments:  " + ", ".join(stack.deployments),
         _describe_auth(stack.auth_file),
@@ -373,7 +382,7 @@ def _describe_auth(auth_file: Path | None) -> str:
 def cmd_serve(args) -> None:
     """The `sunlearn serve` command: start everything, print where it is, wait for Ctrl-C, stop what it started."""
     home = Path(args.home) if args.home else REPO / ".cache" / "prefect"
-    with serve(home, args.host, args.port, args.db, args.artifacts, auth=args.auth) as stack:
+    with serve(home, args.host, args.port, args.db, args.artifacts, auth=args.auth, workers=args.workers) as stack:
         print(describe(stack), flush=True)
         try:
             run_forever(stack)

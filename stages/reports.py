@@ -232,10 +232,14 @@ def gather_runs(root: Path) -> list[Run]:
     return runs
 
 
-def report_from_artifacts(evaluate_dir: Path, root: Path, out: Path) -> list[str]:
-    """`sunlearn report`: the reports of one evaluate artifact, its pareto plot over every run under `root`."""
-    manifest = _manifest(evaluate_dir)
-    inputs = {k: Path(v) for k, v in manifest.get("inputs", {}).items()}
+def report_from_artifacts(
+    evaluate_dir: Path, root: Path, out: Path, inputs: dict[str, Path] | None = None
+) -> list[str]:
+    """`sunlearn report`: the reports of one evaluate artifact, its pareto plot over every run under `root`.
+
+    `inputs` (upstream stage -> folder) defaults to the folders its manifest names, which are the building node's."""
+    if inputs is None:
+        inputs = {k: Path(v) for k, v in _manifest(evaluate_dir).get("inputs", {}).items()}
     out.mkdir(parents=True, exist_ok=True)
     return write_reports(out, inputs, read_table(Path(evaluate_dir) / "metrics.parquet"), gather_runs(root))
 
