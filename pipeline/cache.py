@@ -3,12 +3,14 @@
 Layout: `<root>/<stage>/<fingerprint>/` holding the stage's files and `manifest.json`. A stage writes into a
 temporary sibling folder; the manifest (with a checksum of every file) is written last and the folder is renamed
 into place, so a folder without a manifest never counts as complete. A file lock per fingerprint makes concurrent
-runs compute each artifact once. A stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`:
-it survives a killed run and goes once the artifact is published.
+runs compute each artifact once; it is deleted on release, so no run, failed or not, leaves lock files behind. A
+stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`: it survives a killed run and goes once
+the artifact is published.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from schemas import write_json_atomic
 
@@ -119,7 +119,7 @@ class ArtifactCache:
     @contextmanager
     def lock(self, entry: Entry) -> Iterator[None]:
         entry.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(entry.path.parent / f".{entry.fingerprint}.lock")):
+        with exclusive_lock(entry.path.parent / f".{entry.fingerprint}.lock"):
             yield
 
     def build(
@@ -161,6 +161,27 @@ class ArtifactCache:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def rewrite(self, entry: Entry, produce: Callable[[Path], list[str]]) -> list[str]:
+        """Regenerate files of a complete entry in place (its reports) and record their new checksums.
+
+        `produce(tmp_dir)` writes the files and returns their names; each replaces its namesake atomically.
+        """
+        with self.lock(entry):
+            manifest = entry.manifest()
+            tmp = entry.path.parent / f"{TMP_PREFIX}{entry.fingerprint}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            tmp.mkdir(parents=True)
+            try:
+                names = produce(tmp)
+                for name in names:
+                    os.replace(tmp / name, entry.path / name)
+                    st = (entry.path / name).stat()
+                    manifest["files"][name] = file_sha256(entry.path / name)
+                    manifest.setdefault("file_stats", {})[name] = [st.st_size, st.st_mtime_ns]
+                write_json_atomic(entry.manifest_path, manifest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return names
+
     def clean_stale(self, stage_dir: Path) -> None:
         """Remove temporary folders left by killed runs (dead pid, or older than a few hours)."""
         if not stage_dir.is_dir():
@@ -194,6 +215,33 @@ class ArtifactCache:
             report.append({"stage": entry.stage, "fingerprint": entry.fingerprint, "path": str(entry.path),
                            "ok": not problems, "problems": problems, "removed": bool(problems and fix)})
         return report
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` (blocking) and delete the file when releasing it, even after an error.
+
+    Deleting a lock file others may wait on is safe because a waiter, once it holds its lock, checks that the file it
+    locked is still the one at `path`, and otherwise tries again on the new file.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
