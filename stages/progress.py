@@ -48,8 +48,7 @@ class Progress:
         if enabled and not self.plain:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=self.label, unit=unit, leave=False, file=self.stream,
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=self.label, unit=unit, leave=False, file=self.stream)
         if self.plain:
             self._write()
             # a weak reference: a bar dropped without close() (a stage that raised) stops its heartbeat too
