@@ -147,8 +147,8 @@ def check_inputs(cfg: Config) -> None:
         missing = [] if folder is None else [folder / f"{s}.json" for s in stems.values()]
         missing = [p for p in missing if not p.is_file()]
         if missing:
-            names = ", ".join(p.name for p in missing)
-            raise ConfigError(f"data.path {data.path}: missing {names} (a TOFU folder holds {len(stems)} JSON files)")
+            more = f" (and {len(missing) - 1} more of the folder's {len(stems)} JSON files)" if len(missing) > 1 else ""
+            raise ConfigError(f"{missing[0]}: file does not exist{more}")
     elif data.source == "muse" and data.path != "embedded":
         folder = _local_folder(data.path or MUSE_HUB_ID)
         for pattern, _, _ in MUSE_FILES.values() if folder is not None else ():

@@ -34,7 +34,8 @@ def test_a_missing_data_path_is_one_error_before_any_server_starts(tmp_path, tof
         (folder / "world_facts_perturbed.json").unlink()
     proc = _cli(tmp_path, "run", "--preset", "tofu", "--set", f"data.path={folder}",
                 "--artifacts", str(tmp_path / "artifacts"))
-    message = f"data.path {folder} does not exist" if case == "no folder" else "missing world_facts_perturbed.json"
+    missing = "world_facts_perturbed.json: file does not exist"
+    message = f"data.path {folder} does not exist" if case == "no folder" else missing
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
     assert not (tmp_path / "prefect").exists() or not any((tmp_path / "prefect").rglob("*.db"))  # no server ran
