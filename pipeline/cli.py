@@ -301,16 +301,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _console_without_tracebacks(debug: bool) -> None:
-    """Without --debug, Prefect's console records of a failed task lose their traceback: main prints one line.
+    """Without --debug, the console shows no traceback and none of Prefect's copies of a failure: main prints the
+    error as one line.
 
-    Call after Prefect set up logging. The flow-run log in the API keeps the traceback: its handler runs first.
+    Call after Prefect set up logging. The flow-run log in the API keeps all of it: its handler runs first.
     """
     if not debug:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_drop_traceback)
+            handler.addFilter(_drop_failure_copies)
 
 
-def _drop_traceback(record: logging.LogRecord) -> bool:
+def _drop_failure_copies(record: logging.LogRecord) -> bool:
+    if record.name in ("prefect.task_runs", "prefect.flow_runs") and (
+        record.levelno >= logging.ERROR or "Finished in state Failed" in record.getMessage()
+    ):
+        return False
     record.exc_info, record.exc_text = None, None
     return True
 
