@@ -14,7 +14,7 @@ from stages.reports import Run, gather_runs, pareto_front, plot_pareto, results_
 
 
 def _metrics(values: dict[str, dict[str, float]]) -> pa.Table:
-    rows = [{"model": m, "metric": k, "value": v} for m, d in values.items() for k, v in d.items()]
+    rows = [{"model": m, "step": 0, "metric": k, "value": v} for m, d in values.items() for k, v in d.items()]
     return pa.Table.from_pylist(rows, schema=METRICS)
 
 
