@@ -21,7 +21,7 @@ from stages.config import PRESETS, Config, ConfigError, load_config, suggest  # 
 log = logging.getLogger("sunlearn")
 
 
-LAST_RUN = "last-run.json"  # under the artifact root: the config of the latest `run` or `stage`
+LAST_RUN = "last-run.json"  # under the artifact root: the flags of the latest `run` or `stage` that finished
 
 
 def _config_args(parser: argparse.ArgumentParser, last_run: bool = False) -> None:
@@ -90,20 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace) -> Config:
-    """The config of `run` and `stage`, with every input checkable here checked before Prefect starts; it is then
-    recorded as the artifact root's last run, the default of `status` and `report`."""
-    from pipeline import storage
+    """The config of `run` and `stage`, with every input checkable here checked before Prefect starts."""
     from stages.prepare import check_inputs
 
     args.preset = args.preset or "embedded"
     cfg = load_config(args.preset, args.config_file, args.overrides)
     check_inputs(cfg)
+    return cfg
+
+
+def _record_last_run(args: argparse.Namespace) -> None:
+    """A finished run's flags, the default of `status` and `report`; a failed run leaves the root as it was."""
+    from pipeline import storage
+
     last = {"preset": args.preset, "overrides": args.overrides,
             "config_file": str(Path(args.config_file).resolve()) if args.config_file else None}
-    root = storage.local_cache(args.artifacts).root
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / LAST_RUN, last)
-    return cfg
+    write_json_atomic(storage.local_cache(args.artifacts).root / LAST_RUN, last)
 
 
 def _described_config(args: argparse.Namespace) -> Config:
@@ -161,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     _console_without_tracebacks(args.debug)
     summary = pipeline_flow(preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                             force=args.force, config_file=args.config_file)
+    _record_last_run(args)
     _print_summary(summary, args.json)
 
 
@@ -172,6 +175,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     _console_without_tracebacks(args.debug)
     summary = stage_flow(stage=args.name, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                          force=not args.if_missing, config_file=args.config_file)
+    _record_last_run(args)
     _print_summary(summary, args.json)
 
 
