@@ -10,8 +10,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export SUNLEARN_KENLM_BIN := $(CURDIR)/$(KENLM_BIN)
 
+STEP := bash .ci/step
 ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_STEP := bash .ci/step
+ARGS ?=
 
 .PHONY: setup run test bench serve lint clean system-deps
 
@@ -38,22 +40,17 @@ lint: setup
 system-deps:
 	@bash .ci/system-deps $(APT_PACKAGES)
 
+# Each set-up step prints one line with its time; its output goes to .cache/setup/<step>.log (shown on failure).
 # torch is pinned in pyproject.toml and installed first: any other spec pulls a multi-GB CUDA build.
+# --no-compile: Python writes bytecode only for the modules it imports, not 440 MB for every installed file.
 $(VENV)/.installed: pyproject.toml | system-deps
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
-	touch $@
+	@test -x $(PY) || $(STEP) venv sh -c '$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --upgrade pip'
+	@$(STEP) torch $(PY) -m pip install --no-compile torch==2.13.0
+	@$(STEP) packages $(PY) -m pip install --no-compile -e '.[dev]'
+	@touch $@
 
-# lmplz and build_binary come from the kenlm sdist (the PyPI wheel only queries models).
 $(KENLM_BIN)/lmplz: | system-deps $(VENV)/.installed
-	rm -rf .cache/kenlm-build && mkdir -p .cache/kenlm-build $(KENLM_BIN)
-	$(PY) -m pip download -q --no-binary kenlm --no-deps kenlm==$(KENLM_VERSION) -d .cache/kenlm-build
-	tar -xzf .cache/kenlm-build/kenlm-$(KENLM_VERSION).tar.gz -C .cache/kenlm-build
-	cmake -S .cache/kenlm-build/kenlm-$(KENLM_VERSION) -B .cache/kenlm-build/build -DCMAKE_BUILD_TYPE=Release >/dev/null
-	$(MAKE) -C .cache/kenlm-build/build -j2 lmplz build_binary >/dev/null
-	cp .cache/kenlm-build/build/bin/lmplz .cache/kenlm-build/build/bin/build_binary $(KENLM_BIN)/
+	@$(STEP) kenlm bash .ci/build-kenlm $(KENLM_VERSION) $(PY) $(KENLM_BIN)
 
 clean:
 	rm -rf artifacts .cache/kenlm-build

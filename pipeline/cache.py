@@ -3,8 +3,9 @@
 Layout: `<root>/<stage>/<fingerprint>/` holding the stage's files and `manifest.json`. A stage writes into a
 temporary sibling folder; the manifest (with a checksum of every file) is written last and the folder is renamed
 into place, so a folder without a manifest never counts as complete. A file lock per fingerprint makes concurrent
-runs compute each artifact once. A stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`:
-it survives a killed run and goes once the artifact is published.
+runs compute each artifact once; it is deleted on release, so no run, failed or not, leaves lock files behind. A
+stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`: it survives a killed run and goes once
+the artifact is published.
 
 The root may be shared by many nodes (NFS): a temporary folder is named `.tmp-<fp>-<host>-<pid>-<random>` and holds
 a heartbeat file its build touches every `HEARTBEAT_SECONDS`. `clean_stale` removes a folder whose process is dead
@@ -14,6 +15,7 @@ build on another node, whose pid means nothing here.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -28,8 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from schemas import write_json_atomic
 
@@ -172,7 +172,7 @@ class ArtifactCache:
     @contextmanager
     def lock(self, entry: Entry) -> Iterator[None]:
         entry.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(entry.path.parent / f".{entry.fingerprint}.lock")):
+        with exclusive_lock(entry.path.parent / f".{entry.fingerprint}.lock"):
             yield
 
     def build(
@@ -256,6 +256,33 @@ class ArtifactCache:
             report.append({"stage": entry.stage, "fingerprint": entry.fingerprint, "path": str(entry.path),
                            "ok": not problems, "problems": problems, "removed": bool(problems and fix)})
         return report
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an flock on `path` (blocking) and delete the file when releasing it, even after an error.
+
+    Deleting a lock file others may wait on is safe because a waiter, once it holds its lock, checks that the file it
+    locked is still the one at `path`, and otherwise tries again on the new file.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

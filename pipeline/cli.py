@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from stages.environment import configure_environment
@@ -14,13 +15,18 @@ configure_environment()
 
 from pipeline.dag import ORDER  # noqa: E402
 from pipeline.serve import cmd_serve  # noqa: E402
-from stages.config import PRESETS, ConfigError, load_config, suggest  # noqa: E402
+from schemas import write_json_atomic  # noqa: E402
+from stages.config import PRESETS, Config, ConfigError, load_config, suggest  # noqa: E402
 
 log = logging.getLogger("sunlearn")
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="embedded", help=f"one of {', '.join(PRESETS)} (default: embedded)")
+LAST_RUN = "last-run.json"  # under the artifact root: the flags of the latest `run` or `stage` that finished
+
+
+def _config_args(parser: argparse.ArgumentParser, last_run: bool = False) -> None:
+    default = "the last run's config under --artifacts, else embedded" if last_run else "embedded"
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: {default})")
     parser.add_argument("--config", dest="config_file", help="YAML or JSON file of config keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. masks.gamma=0.6 (repeatable)")
@@ -43,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--if-missing", action="store_true", help="reuse the stage's artifact when it is cached")
     stage.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    status = sub.add_parser("status", help="show each stage's cache state for a config")
-    _config_args(status)
+    status = sub.add_parser("status", help="show each stage's cache state for a config (default: the last run's)")
+    _config_args(status, last_run=True)
     status.add_argument("--json", action="store_true")
 
     sweep = sub.add_parser("sweep", help="run a grid of config values as one flow and collect one metrics table")
@@ -71,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--fix", action="store_true", help="remove corrupt or incomplete entries, stale temp folders")
     verify.add_argument("--json", action="store_true")
 
-    report = sub.add_parser("report", help="rebuild results.md, pareto.png (every run under the root), selection.html")
-    _config_args(report)
+    report = sub.add_parser("report", help="rebuild results.md, pareto.png (every run under the root) and "
+                                           "selection.html beside metrics.parquet (default: the last run's config)")
+    _config_args(report, last_run=True)
 
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
     serve.add_argument("--host", default="127.0.0.1",
@@ -86,6 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="process workers to start; more than one take one flow run each at a time (default: 1)")
     return parser
+
+
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config of `run` and `stage`, with every input checkable here checked before Prefect starts."""
+    from stages.prepare import check_inputs
+
+    args.preset = args.preset or "embedded"
+    cfg = load_config(args.preset, args.config_file, args.overrides)
+    check_inputs(cfg)
+    return cfg
+
+
+def _record_last_run(args: argparse.Namespace) -> None:
+    """A finished run's flags, the default of `status` and `report`; a failed run leaves the root as it was."""
+    from pipeline import storage
+
+    last = {"preset": args.preset, "overrides": args.overrides,
+            "config_file": str(Path(args.config_file).resolve()) if args.config_file else None}
+    write_json_atomic(storage.local_cache(args.artifacts).root / LAST_RUN, last)
+
+
+def _described_config(args: argparse.Namespace) -> Config:
+    """`status` and `report`: the config given, or with no config flags the last run's under the artifact root."""
+    from pipeline import storage
+
+    path = storage.local_cache(args.artifacts).root / LAST_RUN
+    if args.preset is None and args.config_file is None and not args.overrides and path.is_file():
+        last = json.loads(path.read_text())
+        args.preset, args.config_file, args.overrides = last["preset"], last["config_file"], last["overrides"]
+        flags = [f"--preset {args.preset}", *(f"--set {o}" for o in args.overrides)]
+        if args.config_file:
+            flags.insert(1, f"--config {args.config_file}")
+        flags = " ".join(flags)
+        print(f"config: the last run's ({path}): {flags}", file=sys.stderr)
+    elif args.preset is None and args.config_file is None and not args.overrides:
+        print(f"config: preset embedded (no last run recorded in {path})", file=sys.stderr)
+    args.preset = args.preset or "embedded"
+    return load_config(args.preset, args.config_file, args.overrides)
 
 
 def _check_stage(name: str | None) -> None:
@@ -118,23 +163,25 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     _check_stage(args.force)
-    load_config(args.preset, args.config_file, args.overrides)  # fail fast, before Prefect starts
+    _run_config(args)  # fail fast, before Prefect starts
     from pipeline.flows import pipeline_flow
 
     _console_without_tracebacks(args.debug)
     summary = pipeline_flow(preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                             force=args.force, config_file=args.config_file)
+    _record_last_run(args)
     _print_summary(summary, args.json)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
     _check_stage(args.name)
-    load_config(args.preset, args.config_file, args.overrides)
+    _run_config(args)
     from pipeline.flows import stage_flow
 
     _console_without_tracebacks(args.debug)
     summary = stage_flow(stage=args.name, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                          force=not args.if_missing, config_file=args.config_file)
+    _record_last_run(args)
     _print_summary(summary, args.json)
 
 
@@ -142,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     from pipeline import storage
     from pipeline.dag import fingerprints
 
-    cfg = load_config(args.preset, args.config_file, args.overrides)
+    cfg = _described_config(args)
     cache = storage.local_cache(args.artifacts)
     rows = []
     for name, fp in fingerprints(cfg).items():
@@ -158,9 +205,12 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.sweep import grid_points, parse_grid, server_configured, summary_table, sweep_flow
+    from stages.prepare import check_inputs
 
-    for point in grid_points(parse_grid(args.grid)):  # fail fast on any bad grid value
-        load_config(args.preset, args.config_file, [*args.overrides, *(f"{k}={v}" for k, v in point.items())])
+    args.preset = args.preset or "embedded"
+    for point in grid_points(parse_grid(args.grid)):  # fail fast on any bad grid value or missing input
+        check_inputs(load_config(args.preset, args.config_file,
+                                 [*args.overrides, *(f"{k}={v}" for k, v in point.items())]))
     _console_without_tracebacks(args.debug)
     result = sweep_flow(grid=args.grid, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
                         seeds_key=args.seeds_key, config_file=args.config_file, parallel=args.parallel,
@@ -226,7 +276,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> None:
     from pipeline.runner import build_reports
 
-    for location in build_reports(load_config(args.preset, args.config_file, args.overrides), args.artifacts):
+    # under <root>/reports/<evaluate fingerprint>/: a published artifact never changes after the fact
+    for location in build_reports(_described_config(args), args.artifacts):
         print(location)
 
 
@@ -235,6 +286,12 @@ COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:  # argparse's own message lists the choices, suggests none
+        print(f"sunlearn: error: unknown command {command!r}{suggest(command, COMMANDS)}; "
+              f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command](args)
@@ -251,16 +308,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _console_without_tracebacks(debug: bool) -> None:
-    """Without --debug, Prefect's console records of a failed task lose their traceback: main prints one line.
+    """Without --debug, the console shows no traceback and none of Prefect's copies of a failure: main prints the
+    error as one line.
 
-    Call after Prefect set up logging. The flow-run log in the API keeps the traceback: its handler runs first.
+    Call after Prefect set up logging. The flow-run log in the API keeps all of it: its handler runs first.
     """
     if not debug:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_drop_traceback)
+            handler.addFilter(_drop_failure_copies)
 
 
-def _drop_traceback(record: logging.LogRecord) -> bool:
+def _drop_failure_copies(record: logging.LogRecord) -> bool:
+    if record.name in ("prefect.task_runs", "prefect.flow_runs") and (
+        record.levelno >= logging.ERROR or "Finished in state Failed" in record.getMessage()
+    ):
+        return False
     record.exc_info, record.exc_text = None, None
     return True
 

@@ -14,12 +14,12 @@ from stages.environment import configure_environment
 configure_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
 from pipeline.dag import ORDER, STAGES, downstream, upstream_closure  # noqa: E402
-from pipeline.reports_artifacts import publish_reports  # noqa: E402
+from pipeline.reports_artifacts import publish_reports, rounded  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
 from stages.config import Config  # noqa: E402
@@ -29,9 +29,12 @@ def _summary_markdown(result: StageResult) -> str:
     lines = [f"# {result.name} ({result.status})", "", f"- fingerprint: `{result.fingerprint}`",
              f"- artifact: `{result.path}`", f"- seconds: {result.seconds:.1f}"]
     lines += [f"- input `{name}`: `{path}`" for name, path in result.inputs.items()]
-    stats = {k: v for k, v in result.stats.items() if not isinstance(v, dict | list)}
+    html = Path(result.path) / "selection.html"
+    if html.is_file():
+        lines.append(f"- token selection: [selection.html]({html.as_uri()})")
+    stats = {k: rounded(v) for k, v in result.stats.items() if not isinstance(v, dict | list)}
     if stats:
-        lines += ["", "| stat | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in stats.items()]]
+        lines += ["", "| stat | value |", "|---|---:|", *[f"| {k} | {v} |" for k, v in stats.items()]]
     return "\n".join(lines)
 
 
@@ -61,7 +64,6 @@ def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str])
     if stages[-1] == "evaluate":
         evaluate_dir = Path(results[-1]["path"])
         metrics = read_table(evaluate_dir / "metrics.parquet").to_pylist()
-        create_table_artifact(key="metrics", table=metrics, description="sunlearn metrics (model, metric, value)")
         publish_reports(evaluate_dir)
     return {"stages": results, "metrics": metrics}
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from schemas import write_table
 from stages.common import load_documents, load_tokenizer, log, seed_everything
 from stages.config import Config, TargetConfig
+from stages.progress import Progress
 from stages.target import answer_loss, batch_tensors, teacher_forced
 from stages.unlearn.distributed import init_distributed, launch
 
@@ -85,8 +85,8 @@ def finetune_one(cfg: Config, tokenizer, docs: pa.Table, name: str, path: Path, 
     generator = torch.Generator().manual_seed(t.seed)  # the same order on every rank; each takes its share
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with tqdm(total=steps_per_epoch * t.finetune_epochs, desc=f"finetune:{name}", disable=rank != 0,
-              leave=False) as bar:
+    with Progress("target", steps_per_epoch * t.finetune_epochs, model=f"{name}, fine-tuned",
+                  enabled=rank == 0) as bar:
         for epoch in range(t.finetune_epochs):
             engine.train()
             order = torch.randperm(len(input_ids), generator=generator)
@@ -100,7 +100,7 @@ def finetune_one(cfg: Config, tokenizer, docs: pa.Table, name: str, path: Path, 
                 engine.step()
                 rows.append({"model": name, "step": len(rows), "epoch": epoch, "loss": float(loss.detach()),
                              "lr": engine.get_lr()[0], "seconds": time.perf_counter() - start})
-                bar.update(1)
+                bar.update(epoch=epoch + 1, loss=rows[-1]["loss"])
     after = teacher_forced(engine, input_ids, labels, lengths, t.finetune_batch_size, device)
     save_model(engine, t.zero_stage, path, rank)
     if rank == 0:

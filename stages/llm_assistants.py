@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm.auto import tqdm
 
 from stages.common import load_documents, load_model, load_tokenizer, pick_device
 from stages.config import Config, TargetConfig
+from stages.progress import track
 from stages.target import train_from_scratch
 
 SCORE_BATCH = 64
@@ -41,7 +41,8 @@ def train_llm_assistants(cfg: Config, inputs: dict[str, Path], out: Path) -> dic
     stats: dict[str, Any] = {"kind": "llm", "splits": a.splits}
     for name, splits in zip(("a", "b"), ASSISTANT_SPLITS[a.splits], strict=True):
         docs = _with_start_token(load_documents(inputs["prepare"], splits), tokenizer.eos_token_id)
-        model, stats[name], _ = train_from_scratch(recipe, tokenizer, docs, f"assistant-{name}", pick_device())
+        model, stats[name], _ = train_from_scratch(recipe, tokenizer, docs, f"assistant-{name}", pick_device(),
+                                                     stage="assistants")
         model.save_pretrained(out / name)
         stats[name]["splits"] = list(splits)
     return stats
@@ -55,7 +56,7 @@ def token_probabilities(model, sequences: list[list[int]], start_id: int, batch_
     out = np.empty(lengths.sum())
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     order = np.argsort(-lengths, kind="stable")  # similar lengths together: less padding
-    for i in tqdm(range(0, len(order), batch_size), desc="scores", unit="batch", leave=False):
+    for i in track(range(0, len(order), batch_size), "scores", unit="batches"):
         rows = order[i : i + batch_size]
         width = int(lengths[rows].max()) + 1
         batch = torch.full((len(rows), width), start_id, dtype=torch.long)

@@ -3,7 +3,7 @@ METRIC_FUNCTIONS.
 
 Definitions follow docs/metrics.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
 guards, the same libraries (rouge_score for ROUGE-L, scipy.stats.ks_2samp for forget quality, scipy.stats.hmean for
-utility, sklearn.metrics.roc_auc_score for PrivLeak). Per-item functions take arrays of average answer NLLs:
+utility, ROC AUC as the Mann-Whitney U statistic for PrivLeak). Per-item functions take arrays of average answer NLLs:
 `correct` of shape (n,) and `perturbed` of shape (n, k), NaN-padded where an item has fewer than k perturbed answers.
 Fact recall is this project's addition (docs/metrics.md says why).
 """
@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
-from scipy.stats import hmean, ks_2samp
-from sklearn.metrics import roc_auc_score
+from scipy.stats import hmean, ks_2samp, rankdata
 
 log = logging.getLogger("sunlearn")
 
@@ -154,8 +153,9 @@ def forget_holdout_auc(forget_scores: np.ndarray, holdout_scores: np.ndarray) ->
     a, b = _finite(forget_scores), _finite(holdout_scores)
     if not a.size or not b.size:
         return float("nan")
-    labels = np.concatenate([np.zeros(a.size), np.ones(b.size)])
-    return float(roc_auc_score(labels, np.concatenate([a, b])))
+    # the Mann-Whitney form of ROC AUC (ties count half), which is sklearn's roc_auc_score for two classes
+    ranks = rankdata(np.concatenate([a, b]))
+    return float((ranks[a.size :].sum() - b.size * (b.size + 1) / 2) / (a.size * b.size))
 
 
 @register("privleak")

@@ -118,22 +118,61 @@ def _read_hub(dataset_id: str, config_name: str) -> list[dict[str, Any]]:
     return _check_rows(rows, f"{dataset_id}/{config_name}")
 
 
-def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-    """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
-    match = re.fullmatch(r"forget(\d\d)", data.split)
+def _tofu_stems(split: str) -> dict[str, str]:
+    """Output split -> TOFU file stem (or hub config) for data.split."""
+    match = re.fullmatch(r"forget(\d\d)", split)
     if match is None or match.group(1) not in ("01", "05", "10"):
-        raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {data.split!r}")
-    stems = {"forget": data.split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
-    path = data.path or TOFU_HUB_ID
+        raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {split!r}")
+    return {"forget": split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+
+
+def _local_folder(path: str) -> Path | None:
+    """The folder data.path names, None for a hub id; a path-like value that is no folder is an error."""
     folder = Path(path).expanduser()
     if folder.is_dir():
-        holdout = folder / f"holdout{match.group(1)}.json"  # the hub's holdout01/05/10: TOFU's PrivLeak texts
+        return folder
+    if folder.exists():
+        raise ConfigError(f"data.path {path} is not a folder")
+    if path.startswith((".", "/", "~")):
+        raise ConfigError(f"data.path {path} does not exist")
+    return None
+
+
+def check_inputs(cfg: Config) -> None:
+    """Every local file a run reads, checked before anything starts; hub ids are checked when they are loaded."""
+    data = cfg.data
+    if data.source == "tofu":
+        stems = _tofu_stems(data.split)
+        folder = _local_folder(data.path or TOFU_HUB_ID)
+        missing = [] if folder is None else [folder / f"{s}.json" for s in stems.values()]
+        missing = [p for p in missing if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more of the folder's {len(stems)} JSON files)" if len(missing) > 1 else ""
+            raise ConfigError(f"{missing[0]}: file does not exist{more}")
+    elif data.source == "muse" and data.path != "embedded":
+        folder = _local_folder(data.path or MUSE_HUB_ID)
+        for pattern, _, _ in MUSE_FILES.values() if folder is not None else ():
+            if not any(folder.glob(pattern)):
+                raise ConfigError(f"{folder / pattern}: file does not exist")
+    for key, name in (("model.name", cfg.model.name), ("model.retain_name", cfg.model.retain_name)):
+        if name and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+            raise ConfigError(f"{key}: model path {name} does not exist")
+    logs = cfg.evaluate.retain_logs
+    if logs and not Path(logs).expanduser().is_file():
+        raise ConfigError(f"evaluate.retain_logs: {logs} is not a file")
+
+
+def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
+    stems = _tofu_stems(data.split)
+    path = data.path or TOFU_HUB_ID
+    folder = _local_folder(path)
+    if folder is not None:
+        holdout = folder / f"holdout{data.split[-2:]}.json"  # the hub's holdout01/05/10: TOFU's PrivLeak texts
         if holdout.is_file():
             stems["holdout"] = holdout.stem
         sources = {split: str(folder / f"{stem}.json") for split, stem in stems.items()}
         raw = {split: _read_json(Path(src)) for split, src in sources.items()}
-    elif path.startswith((".", "/", "~")) or folder.exists():
-        raise ConfigError(f"data.path {path} is not a folder")
     else:
         sources = {split: f"{path}/{stem}" for split, stem in stems.items()}
         raw = {split: _read_hub(path, stem) for split, stem in stems.items()}
@@ -203,11 +242,9 @@ def muse_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]
 
         with tempfile.TemporaryDirectory() as tmp:
             return _muse_folder(write_news(Path(tmp) / "news", data.seed), data.limit), "embedded news"
-    folder = Path(path).expanduser()
-    if folder.is_dir():
+    folder = _local_folder(path)
+    if folder is not None:
         return _muse_folder(folder, data.limit), str(folder / MUSE_FILES["forget"][0])
-    if path.startswith((".", "/", "~")) or folder.exists():
-        raise ConfigError(f"data.path {path} is not a folder")
     return _muse_hub(path, data.limit), f"{path}/raw/forget"
 
 

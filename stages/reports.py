@@ -15,7 +15,7 @@ import html
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Run:
 
     label: str
     metrics: dict[str, dict[str, float]]  # model -> metric -> value
+    labels: dict[str, str] = field(default_factory=dict)  # model -> its label, when it differs from `label`
 
 
 def wide(metrics: pa.Table) -> dict[str, dict[str, float]]:
@@ -74,9 +75,14 @@ def results_markdown(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def _cell(value: float | None) -> str:
+    """Three significant digits for every value (0.00104, 0.0210, 0.500, -3.00), scientific below 1e-4."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:#.3g}" if abs(value) >= 1e-4 else f"{value:.2e}"
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -107,7 +113,9 @@ def plot_pareto(runs: list[Run], path: Path) -> bool:
     for run in runs:
         for model, values in run.metrics.items():
             if _finite(values.get(x_name)) and _finite(values.get(y_name)):
-                label = model if len(runs) == 1 or model in REFERENCE_MODELS else f"{model} {run.label}"
+                run_label = run.labels.get(model, run.label)
+                alone = len(runs) == 1 or model in REFERENCE_MODELS or not run_label
+                label = model if alone else f"{model} {run_label}"
                 points.append((label, model, values[x_name], values[y_name]))
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     methods = [p for p in points if p[1] not in REFERENCE_MODELS]
@@ -117,7 +125,7 @@ def plot_pareto(runs: list[Run], path: Path) -> bool:
         labels.setdefault((x, y), []).append(label)
     for (x, y), names in labels.items():
         ax.scatter(x, y, s=40, color="tab:blue", zorder=3)
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(", ".join(dict.fromkeys(names)), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     shared: dict[tuple[float, float], list[str]] = {}
     for label, _, x, y in references.values():
         shared.setdefault((x, y), []).append(label)
@@ -148,7 +156,11 @@ def _finite(value: Any) -> bool:
 
 
 def selection_html(prepare_dir: Path, masks_dir: Path, scores_dir: Path, max_docs: int = SELECTION_DOCS) -> str:
-    """The forget documents as tokens: selected ones highlighted, score_diff / p_a / p_b in each token's tooltip."""
+    """The forget documents as tokens: selected ones highlighted, gold spans underlined, scores in each tooltip.
+
+    The header says how the selection was made (assistants, splits, γ and its rule, window) and, where the data has
+    gold spans, its precision and recall against them. Special tokens (EOS, padding) are not shown.
+    """
     from stages.common import load_tokenizer
 
     scores = read_table(Path(scores_dir) / "token_scores.parquet")
@@ -158,35 +170,93 @@ def selection_html(prepare_dir: Path, masks_dir: Path, scores_dir: Path, max_doc
     token_ids = joined["token_id"].to_numpy()
     unique = np.unique(token_ids)
     pieces = dict(zip(unique.tolist(), tokenizer.batch_decode([[int(t)] for t in unique]), strict=True))
+    special = set(tokenizer.all_special_ids)
     cols = {c: joined[c].to_numpy(zero_copy_only=False) for c in ("doc_id", "p_a", "p_b", "score_diff", "in_answer",
                                                                     "selected", "seed")}
+    known = joined["gold"].is_valid().to_numpy(zero_copy_only=False) & cols["in_answer"]
+    gold = joined["gold"].fill_null(False).to_numpy(zero_copy_only=False) & known
     docs = list(dict.fromkeys(cols["doc_id"].tolist()))[:max_docs]
     shown = set(docs)
     body: dict[str, list[str]] = {d: [] for d in docs}
     for i, doc in enumerate(cols["doc_id"]):
-        if doc not in shown:
+        if doc not in shown or int(token_ids[i]) in special:
             continue
         css = "seed" if cols["seed"][i] else "sel" if cols["selected"][i] else "ans" if cols["in_answer"][i] else "pr"
+        css += " gold" if gold[i] else ""
         tip = f"score_diff={cols['score_diff'][i]:.3f}  p_a={cols['p_a'][i]:.3f}  p_b={cols['p_b'][i]:.3f}"
         text = html.escape(pieces[int(token_ids[i])]).replace("\n", "↵<br>")
         body[doc].append(f'<span class="{css}" title="{tip}">{text}</span>')
     n_sel = int(cols["selected"].sum())
     n_ans = int(cols["in_answer"].sum())
+    n_docs = len(set(cols["doc_id"].tolist()))
+    rows = [("Assistants", _assistants_line(scores_dir)), ("γ", _gamma_line(masks_dir)),
+            ("Window", _window_line(masks_dir)), ("Against gold spans", _gold_line(cols["selected"], gold, known))]
+    legend = [("seed", "seed: |p_a − p_b| above γ"), ("sel", "widened by the window"),
+              ("ans", "answer token, not selected"), ("pr", "prompt (never unlearned)"),
+              ("ans gold", "gold span (underlined)")]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>SU token selection</title><style>",
         "body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.7}",
         ".doc{border-bottom:1px solid #ddd;padding:.5em 0}.doc h3{font-size:.9em;color:#555;margin:.2em 0}",
-        "span{white-space:pre-wrap}.pr{color:#999}.sel{background:#ffd27f}.seed{background:#ff8c42}",
+        "span{white-space:pre-wrap}.pr{color:#999}.ans{color:#000}.sel{background:#ffd27f}.seed{background:#ff8c42}",
+        ".gold{text-decoration:underline 2px #1a7f37;text-underline-offset:3px}",
+        "table.about td{padding:.1em .8em .1em 0;vertical-align:top}.legend span{margin-right:1.2em}",
         "span:hover{outline:1px solid #333}</style></head><body>",
         "<h1>Tokens selected for unlearning</h1>",
-        f"<p>{n_sel} of {n_ans} answer tokens selected over {len(set(cols['doc_id'].tolist()))} forget documents "
-        f"(showing {len(docs)}). <span class='seed'>dark</span>: |p_a − p_b| above γ; "
-        "<span class='sel'>light</span>: widened window; <span class='pr'>grey</span>: prompt. "
-        "Hover a token for its scores.</p>",
+        f"<p>{n_sel} of {n_ans} answer tokens selected ({100 * n_sel / max(n_ans, 1):.1f}%) over {n_docs} forget "
+        f"documents (showing {min(len(docs), n_docs)}). Hover a token for its scores.</p>",
+        "<table class='about'>" + "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows) + "</table>",
+        "<p class='legend'>" + "".join(f"<span class='{c}'>{html.escape(t)}</span>" for c, t in legend) + "</p>",
     ]
     parts += [f"<div class='doc'><h3>{html.escape(d)}</h3>{''.join(body[d])}</div>" for d in docs]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _stage_manifest(path: Path) -> dict[str, Any]:
+    """A stage folder's manifest, or {} for a folder without one (built by hand)."""
+    try:
+        return _manifest(path)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _assistants_line(scores_dir: Path) -> str:
+    from stages.assistants import ASSISTANT_SPLITS
+
+    a = _stage_manifest(scores_dir).get("config", {}).get("assistants")
+    if not a:
+        return "not recorded (the scores folder has no manifest)"
+    kind = f"KenLM {a['order']}-gram models" if a["kind"] == "kenlm" else "small causal LMs"
+    split_a, split_b = ("+".join(s) for s in ASSISTANT_SPLITS[a["splits"]])
+    return (f"{kind}; a on {split_a}, b on {split_b} (assistants.splits={a['splits']}); "
+            "p_a, p_b: each one's probability of the token, score_diff = |p_a − p_b|")
+
+
+def _gamma_line(masks_dir: Path) -> str:
+    stats = _stage_manifest(masks_dir).get("stats", {})
+    if "gamma" not in stats:
+        return "not recorded (the masks folder has no manifest)"
+    rule = ("Otsu's threshold on the answer tokens' score_diff histogram (masks.gamma=auto)"
+            if stats.get("gamma_rule") == "otsu" else "set by masks.gamma")
+    return f"{stats['gamma']:.3g}: {rule}; a seed is an answer token with score_diff above γ"
+
+
+def _window_line(masks_dir: Path) -> str:
+    window = _stage_manifest(masks_dir).get("stats", {}).get("window")
+    if window is None:
+        return "not recorded (the masks folder has no manifest)"
+    return f"±{window} tokens around each seed, inside its answer (masks.window={window})"
+
+
+def _gold_line(selected: np.ndarray, gold: np.ndarray, known: np.ndarray) -> str:
+    if not known.any():
+        return "the data has no gold spans for these documents"
+    hits = int((selected & gold).sum())
+    precision = hits / max(int((selected & known).sum()), 1)
+    recall = hits / max(int(gold.sum()), 1)
+    return (f"precision {precision:.3f}, recall {recall:.3f} over {int(known.sum())} answer tokens with gold labels "
+            f"({int(gold.sum())} in gold spans)")
 
 
 def write_reports(out: Path, inputs: dict[str, Path], metrics: pa.Table, runs: list[Run] | None = None) -> list[str]:
@@ -216,20 +286,37 @@ def _manifest(path: Path) -> dict[str, Any]:
 
 
 def gather_runs(root: Path) -> list[Run]:
-    """Every complete evaluate artifact under the artifact root, labelled by its masks γ and unlearn seed."""
+    """Every complete evaluate artifact under the artifact root; each model labelled by the keys it depends on.
+
+    Every unlearned model depends on unlearn.seed; only the selective methods (su, su_npo, ...) on the masks' γ, shown
+    as the value given (or auto with the threshold it chose). The target and retain models get no label.
+    """
+    from stages.unlearn import METHODS
+
     runs = []
     for entry in sorted((Path(root) / "evaluate").glob("*/manifest.json")):
         manifest = json.loads(entry.read_text())
         upstream = manifest.get("upstream", {})
-        label = []
-        for stage, section, key, name in (("masks", "masks", "gamma", "γ"), ("unlearn", "unlearn", "seed", "seed")):
-            try:
-                value = _manifest(Path(root) / stage / upstream[stage])["config"][section][key]
-                label.append(f"{name}={value}")
-            except (KeyError, OSError, json.JSONDecodeError):
-                continue
-        runs.append(Run(" ".join(label), wide(read_table(entry.parent / "metrics.parquet"))))
+        masks = _upstream_manifest(root, "masks", upstream)
+        unlearn = _upstream_manifest(root, "unlearn", upstream)
+        gamma = masks.get("config", {}).get("masks", {}).get("gamma")
+        if gamma == "auto" and "gamma" in masks.get("stats", {}):
+            gamma = f"auto ({masks['stats']['gamma']:.3g})"
+        seed = unlearn.get("config", {}).get("unlearn", {}).get("seed")
+        gamma_part = [] if gamma is None else [f"γ={gamma}"]
+        seed_part = [] if seed is None else [f"seed={seed}"]
+        metrics = wide(read_table(entry.parent / "metrics.parquet"))
+        labels = {model: " ".join([*(gamma_part if model not in METHODS or METHODS[model].selective else []),
+                                   *seed_part])
+                  for model in metrics if model not in REFERENCE_MODELS}
+        runs.append(Run(" ".join([*gamma_part, *seed_part]), metrics, labels))
     return runs
+
+
+def _upstream_manifest(root: Path, stage: str, upstream: dict[str, str]) -> dict[str, Any]:
+    if stage not in upstream:
+        return {}
+    return _stage_manifest(Path(root) / stage / upstream[stage])
 
 
 def report_from_artifacts(

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from schemas import write_table
 from stages.common import kenlm_sentences, load_documents
 from stages.config import Config
+from stages.progress import track
 
 
 def flat_token_table(docs: pa.Table) -> dict[str, np.ndarray]:
@@ -63,8 +63,8 @@ def score_tokens(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
         scorers = [KenLMScorer(inputs["assistants"] / f"{name}.binary") for name in ("a", "b")]
         lengths = pa.compute.list_value_length(docs["input_ids"]).to_numpy()
         columns: list[list[np.ndarray]] = [[], []]
-        for sentence, n in tqdm(zip(kenlm_sentences(docs), lengths, strict=True), total=len(lengths), desc="scores",
-                                unit="doc", leave=False):
+        for sentence, n in track(zip(kenlm_sentences(docs), lengths, strict=True), "scores", len(lengths), "docs",
+                                 model="kenlm a, b"):
             for column, scorer in zip(columns, scorers, strict=True):
                 column.append(scorer.probabilities(sentence, int(n)))
         p_a, p_b = (np.concatenate(c) if c else np.zeros(0) for c in columns)

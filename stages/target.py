@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from schemas import write_table
 from stages.common import load_documents, load_tokenizer, log, pick_device, seed_everything
 from stages.config import Config, ConfigError, TargetConfig
+from stages.progress import Progress
 
 MODEL_SPLITS = {
     "target": ("forget", "retain", "real_authors", "world_facts"),
@@ -101,9 +101,9 @@ def _schedule(step: int, total: int) -> float:
 
 
 def train_from_scratch(
-    tcfg: TargetConfig, tokenizer, docs: pa.Table, name: str, device: str
+    tcfg: TargetConfig, tokenizer, docs: pa.Table, name: str, device: str, stage: str = "target"
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """One model trained on `docs`; returns it, its stats and its per-step log rows."""
+    """One model trained on `docs`; returns it, its stats and its per-step log rows. `stage` labels the progress."""
     seed_everything(tcfg.seed)
     model = build_model(tcfg, tokenizer).to(device)
     input_ids, labels, lengths = batch_tensors(docs, tokenizer.pad_token_id)
@@ -116,7 +116,7 @@ def train_from_scratch(
     rows: list[dict[str, Any]] = []
     start = logged = time.perf_counter()
     model.train()
-    with tqdm(total=total, desc=f"target:{name}", unit="step", leave=False) as bar:
+    with Progress(stage, total, "steps", model=name) as bar:
         for epoch in range(tcfg.epochs):
             order = torch.randperm(len(input_ids), generator=generator)
             epoch_loss = 0.0
@@ -141,8 +141,7 @@ def train_from_scratch(
                         "seconds": time.perf_counter() - start,
                     }
                 )
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{rows[-1]['loss']:.3f}")
+                bar.update(epoch=epoch + 1, loss=rows[-1]["loss"])
             now = time.perf_counter()
             if epoch == tcfg.epochs - 1 or (epoch + 1) % 10 == 0 or now - logged >= PROGRESS_SECONDS:
                 log.info("target %s: epoch %d/%d, mean loss %.4f, %.0f s", name, epoch + 1, tcfg.epochs,

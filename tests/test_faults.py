@@ -39,6 +39,7 @@ def assert_one_error(proc: subprocess.CompletedProcess, message: str, code: int 
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith("sunlearn: error: ") and message in lines[-1], proc.stderr[-3000:]
     assert [line for line in lines if "sunlearn: error" in line] == lines[-1:]
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]  # Prefect's console copies of the failure dropped
     if only_line:
         assert len(lines) == 1, proc.stderr
 

@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm import tqdm
 
 from schemas import ITEM_SCORES, METRICS, read_table, write_table
 from stages.common import load_documents, load_model, load_tokenizer
@@ -33,6 +32,7 @@ from stages.evaluate import muse, tofu
 from stages.evaluate.cache import cache_path, context_key, weights_checksum
 from stages.evaluate.retain_logs import read_retain_logs
 from stages.evaluate.specs import Derived, ItemValue, Metric
+from stages.progress import Progress
 
 log = logging.getLogger("sunlearn")
 
@@ -181,12 +181,11 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
     per_model: dict[tuple[str, int], Items] = {}
     tables: list[pa.Table] = []
     hits = 0
-    bar = tqdm(total=len(models) * len(sets), desc="evaluate", unit="set")
+    bar = Progress("evaluate", len(models) * len(sets), "sets")
     for ref in models:
         model_start = time.perf_counter()
         checksum, model, parts = weights_checksum(ref.path), None, []
         for eval_set in sets.values():
-            bar.set_postfix_str(f"{ref.name}@{ref.step}/{eval_set.name}")
             cached = cache_path(eval_cache, checksum, eval_set.name, eval_set.context_rows, context) \
                 if eval_cache is not None else None
             if cached is not None and cached.is_file():
@@ -203,7 +202,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
             table = table.set_column(0, "model", pa.array([ref.name] * n, pa.string()))
             table = table.set_column(1, "step", pa.array([ref.step] * n, pa.int64()))
             parts.append(table)
-            bar.update(1)
+            bar.update(model=f"{ref.name}@{ref.step}", set=eval_set.name)
         tables += parts
         per_model[(ref.name, ref.step)] = item_values(pa.concat_tables(parts)) if parts else {}
         del model

@@ -23,11 +23,11 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from schemas import REF_LOGPROBS, TRAIN_LOG, read_table, write_json_atomic, write_table
 from stages.common import load_documents, load_model, load_tokenizer, log, seed_everything
 from stages.config import Config, UnlearnConfig
+from stages.progress import Progress
 from stages.scoring import score_sequences
 from stages.unlearn.data import Split, attach_selection, collate, idk_split, load_split, schedule
 from stages.unlearn.distributed import init_distributed, launch
@@ -220,8 +220,8 @@ def start_run(
     checkpoints = scratch / spec.name if scratch is not None and u.checkpoint_every else None
     first, rows = load_checkpoint(engine, checkpoints) if checkpoints is not None else (0, [])
     snapshots = (scratch if scratch is not None else out) / "snapshots" / spec.name
-    bar = tqdm(total=len(plan) // u.grad_accum, initial=len(rows), desc=spec.name,
-               disable=torch.distributed.get_rank() != 0, leave=False)
+    bar = Progress("unlearn", len(plan) // u.grad_accum, model=spec.name, initial=len(rows),
+                   enabled=torch.distributed.get_rank() == 0)
     return Run(engine, plan, first, rows, checkpoints, snapshots, bar, rows[-1]["seconds"] if rows else 0.0,
                peak_mb=memory_mb())
 
@@ -273,8 +273,8 @@ def check_log(run: Run, method: str, u: UnlearnConfig, world: int) -> None:
                          "retain_loss": retain_loss, "lr": run.engine.get_lr()[0], "seconds": seconds})
     run.pending = []
     run.peak_mb = max(run.peak_mb, memory_mb())
-    run.bar.update(run.rows[-1]["step"] - run.bar.n)
-    run.bar.set_postfix(forget=f"{run.rows[-1]['forget_loss']:.3f}", retain=f"{run.rows[-1]['retain_loss']:.3f}")
+    run.bar.update(run.rows[-1]["step"] - run.bar.n, forget_loss=run.rows[-1]["forget_loss"],
+                   retain_loss=run.rows[-1]["retain_loss"])
 
 
 def method_stats(run: Run, u: UnlearnConfig, spec: MethodSpec, seconds: float, snapshots: list[int]) -> dict:
