@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--check", action="store_true",
                        help="recompute the fingerprints of every run on each page, run nothing; exit 1 if stale")
     study.add_argument("--artifacts", default="artifacts", help="artifact root (default: ./artifacts)")
+    study.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at once (default: 1)")
+    study.add_argument("--via-deployment", action="store_true", default=None,
+                       help="each run as a flow run of the pipeline deployment (default when PREFECT_API_URL is set)")
 
     sub.add_parser("methods", help="list the registered unlearning methods with their parameters")
 
@@ -239,9 +242,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 1 if stale else 0
     studies = [load_study(path) for path in files]  # every file and point checked before anything runs
     _console_without_tracebacks(args.debug)
+    failed = []
     for study in studies:
-        print(run_study(study, args.artifacts))
-    return 0
+        page, study_failed = run_study(study, args.artifacts, parallel=args.parallel,
+                                       via_deployment=args.via_deployment)
+        print(page)
+        failed += study_failed
+    for f in failed:
+        print(f"  failed: {f}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_methods(args: argparse.Namespace) -> None:

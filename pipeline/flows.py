@@ -93,29 +93,3 @@ def stage_flow(
     """One stage: reuse cached upstream, compute only what is missing, and with `force` recompute this stage."""
     cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, upstream_closure(stage), artifacts, {stage} if force else set())
-
-
-@flow(name="sunlearn-study", log_prints=True)
-def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | None = None) -> str:
-    """Every point of a study file as a pipeline run, then its results page (also a `study-<name>` artifact)."""
-    import time
-
-    from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
-
-    start = time.time()
-    study = load_study(file)
-    points = study_points(study)
-    logger = get_run_logger()
-    results = []
-    for i, point in enumerate(points, 1):
-        logger.info("study %s: run %d/%d: %s", study.name, i, len(points), " ".join(point.overrides))
-        summary = run_stages(load_confined(study.preset, None, point.overrides, artifacts), ORDER, artifacts, set())
-        by_stage = {s["name"]: s for s in summary["stages"]}
-        results.append({"metrics": summary["metrics"],
-                        "fingerprints": {name: s["fingerprint"] for name, s in by_stage.items()},
-                        "paths": {name: s["path"] for name, s in by_stage.items()},
-                        "masks": by_stage["masks"]["stats"]})
-    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR)
-    create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),
-                             description=f"sunlearn study {study.name}")
-    return str(page)

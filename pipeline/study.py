@@ -136,11 +136,15 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def run_study(study: Study, artifacts: str, out_dir: Path = RESULTS_DIR) -> Path:
-    """Run every point through the cached pipeline (a Prefect flow) and write the results page; returns its path."""
-    from pipeline.flows import study_flow
+def run_study(study: Study, artifacts: str, out_dir: Path = RESULTS_DIR, parallel: int = 1,
+              via_deployment: bool | None = None) -> tuple[Path, list[str]]:
+    """Run every point through the cached pipeline (a Prefect flow) and write the results page; returns its path
+    and the runs that failed."""
+    from pipeline.sweep import study_flow
 
-    return Path(study_flow(file=str(study.path), artifacts=artifacts, out_dir=str(out_dir)))
+    result = study_flow(file=str(study.path), artifacts=artifacts, out_dir=str(out_dir), parallel=parallel,
+                        via_deployment=via_deployment)
+    return Path(result["page"]), result["failed"]
 
 
 def point_label(point: Point, method: str, n_methods: int) -> str:
@@ -152,10 +156,10 @@ def point_label(point: Point, method: str, n_methods: int) -> str:
 
 def gather(study: Study, results: list[dict[str, Any]]) -> tuple[list[Curve], dict[str, dict[str, float]]]:
     """Every point's curves, named by variant (or method), and the reference models' mean metrics."""
-    points = study_points(study)
     curves: list[Curve] = []
     references: dict[str, list[dict[str, float]]] = {}
-    for point, result in zip(points, results, strict=True):
+    for result in results:
+        point = result["point"]
         seed = point.values.get(study.seeds_key or "", "")
         own, refs = curves_from_metrics(result["metrics"], run=f"{study.seeds_key}={seed}" if seed else "")
         for curve in own:
@@ -171,7 +175,8 @@ def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r.get(k, math.nan) for r in rows])) for k in keys}
 
 
-def write_results(study: Study, results: list[dict[str, Any]], seconds: float, out_dir: Path = RESULTS_DIR) -> Path:
+def write_results(study: Study, results: list[dict[str, Any]], seconds: float, out_dir: Path = RESULTS_DIR,
+                  failed: list[str] | None = None) -> Path:
     """docs/results/<name>.md, its curves PNG and its fingerprint record."""
     from stages.reports import matched_markdown, plot_curves
 
@@ -181,14 +186,14 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     png = out_dir / f"{study.name}-curves.png"
     has_png = plot_curves(curves, references, png)
     rows = matched_table(curves, study.axes, references.get("retain"))
-    points = study_points(study)
+    points = [r["point"] for r in results]
     record = {
         "study": study.name,
         "file": str(study.path.resolve().relative_to(REPO)) if study.path.resolve().is_relative_to(REPO) else
         str(study.path),
         "file_sha256": file_digest(study.path),
-        "points": [{"variant": p.variant, "overrides": p.overrides, "fingerprints": r["fingerprints"]}
-                   for p, r in zip(points, results, strict=True)],
+        "points": [{"variant": r["point"].variant, "overrides": r["point"].overrides,
+                    "fingerprints": r["fingerprints"]} for r in results],
     }
     page = [
         f"# Study `{study.name}`",
@@ -214,8 +219,12 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     if has_png:
         page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
     final = final_markdown(curves, references)
-    page += [final, "", utility_markdown(curves, references), "", retain_losses_markdown(study, results), "",
-             selection_markdown(study, results), "", runs_markdown(points, results)]
+    page += [final, "", utility_markdown(curves, references), "", retain_losses_markdown(results), "",
+             selection_markdown(study, results), "", runs_markdown(results)]
+    if failed:
+        page += ["", "## Failed runs", "",
+                 "These runs failed, so the page leaves them out and `--check` calls it stale:", "",
+                 *(f"- `{f}`" for f in failed)]
     md = out_dir / f"{study.name}.md"
     md.write_text("\n".join(page).rstrip() + "\n")
     headline = [r for r in rows if r.axis == study.axes[0] and r.level_name == "common"]
@@ -309,12 +318,13 @@ def utility_markdown(curves: list[Curve], references: dict[str, dict[str, float]
     return "\n".join(lines)
 
 
-def retain_losses_markdown(study: Study, results: list[dict[str, Any]], top: int = 5) -> str:
+def retain_losses_markdown(results: list[dict[str, Any]], top: int = 5) -> str:
     """The retain items whose answer probability each variant's final model lowers most from the target's."""
     from schemas import read_table
 
     drops: dict[str, dict[str, list[tuple[float, float]]]] = {}  # label -> doc -> [(target, model)] over seeds
-    for point, result in zip(study_points(study), results, strict=True):
+    for result in results:
+        point = result["point"]
         path = Path(result.get("paths", {}).get("evaluate", "")) / "item_scores.parquet"
         if not path.is_file():
             continue
@@ -359,7 +369,8 @@ def selection_markdown(study: Study, results: list[dict[str, Any]]) -> str:
     from stages.reports import _cell
 
     seen: dict[str, list[str]] = {}
-    for point, result in zip(study_points(study), results, strict=True):
+    for result in results:
+        point = result["point"]
         masks = result.get("masks") or {}
         if not math.isfinite(masks.get("precision", math.nan)):
             continue
@@ -378,10 +389,11 @@ def selection_markdown(study: Study, results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def runs_markdown(points: list[Point], results: list[dict[str, Any]]) -> str:
+def runs_markdown(results: list[dict[str, Any]]) -> str:
     lines = ["## Runs", "", "Every run this page summarises, with its stage fingerprints (artifacts/<stage>/<fp>).", "",
              "| variant | grid | " + " | ".join(ORDER) + " |", "|---|---|" + "---|" * len(ORDER)]
-    for point, result in zip(points, results, strict=True):
+    for result in results:
+        point = result["point"]
         grid = " ".join(f"{k}={v}" for k, v in point.values.items()) or "–"
         fps = " | ".join(f"`{result['fingerprints'][s]}`" for s in ORDER)
         lines.append(f"| {point.variant or '–'} | {grid} | {fps} |")

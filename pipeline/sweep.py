@@ -19,6 +19,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -293,3 +294,44 @@ def _markdown(frame: pl.DataFrame) -> str:
     for row in frame.iter_rows():
         lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+@flow(name="sunlearn-study", log_prints=True)
+def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | None = None, parallel: int = 1,
+               via_deployment: bool | None = None) -> dict[str, Any]:
+    """Every run of a study file through run_points (so `parallel` and the pool work as for a sweep), then its
+    results page, also published as a `study-<name>` artifact. Failed runs are named; the page then shows the rest
+    and `sunlearn study --check` calls it stale."""
+    import time
+
+    from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
+
+    start = time.time()
+    study = load_study(file)
+    points = study_points(study)
+    for point in points:  # confined like a pipeline run, before any work
+        load_confined(study.preset, None, point.overrides, artifacts)
+    via = server_configured() if via_deployment is None else via_deployment
+    get_run_logger().info("study %s: %d runs, %d at a time", study.name, len(points), parallel)
+    outcomes = run_points([p.overrides for p in points], study.preset, None, artifacts, None, parallel, via)
+    cache = storage.local_cache(artifacts)
+    results, failed = [], []
+    for point, outcome in zip(points, outcomes, strict=True):
+        if outcome.state != "COMPLETED":
+            failed.append(f"{outcome.name}: {outcome.error}")
+            continue
+        fps = {stage: fp["fingerprint"] for stage, fp in fingerprints(load_config(study.preset, None,
+                                                                                  point.overrides)).items()}
+        entries = {stage: cache.entry(stage, fp) for stage, fp in fps.items()}
+        for stage in ("prepare", "masks", "evaluate"):  # what the page reads beyond the metrics
+            with cache.lock(entries[stage]):
+                storage.fetch(artifacts, entries[stage])
+        results.append({"point": point, "metrics": outcome.metrics, "fingerprints": fps,
+                        "paths": {stage: str(entry.path) for stage, entry in entries.items()},
+                        "masks": entries["masks"].manifest().get("stats", {})})
+    if not results:
+        raise RuntimeError(f"every run of study {study.name} failed; first: {failed[0]}")
+    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR, failed)
+    create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),
+                             description=f"sunlearn study {study.name}")
+    return {"page": str(page), "failed": failed}

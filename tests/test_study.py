@@ -30,7 +30,8 @@ def micro_study(tmp_path_factory, prefect_harness):
     root = tmp_path_factory.mktemp("study")
     path = _write(root / "micro.yaml", MICRO)
     out = root / "results"
-    page = run_study(load_study(path), str(root / "artifacts"), out)
+    page, failed = run_study(load_study(path), str(root / "artifacts"), out, parallel=2)  # two local processes
+    assert failed == []
     return path, out, page
 
 
