@@ -267,6 +267,17 @@ def validate(cfg: Config) -> None:
     for method in cfg.unlearn.methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}{suggest(method, METHODS)}")
+        spec = METHODS[method].with_params(cfg.unlearn.params.get(method, {}))
+        if spec.needs_reference_model and cfg.unlearn.reference != "model":
+            raise ConfigError(
+                f"{method} distils from the frozen model's full logits on forget tokens, which ref_logprobs.parquet "
+                "cannot hold exactly (V floats per token); set unlearn.reference=model"
+            )
+        if "layer" in spec.params and cfg.model.name is None:  # the tiny target: its layer count is known here
+            try:
+                spec.layer(cfg.target.num_layers)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (target.num_layers={cfg.target.num_layers})") from None
     if cfg.model.name and not Path(cfg.model.name).exists() and cfg.model.name.startswith((".", "/", "~")):
         raise ConfigError(f"model path {cfg.model.name} does not exist")
 
