@@ -305,7 +305,7 @@ def step_outputs(
         outputs.ref_forget_logp = ref.token_logprobs("forget", forget).to(device)
     if "idk" in spec.reference:
         idk = collate(data.idk, forget_rows, data.pad_id)
-        _, outputs.idk_logp = forward(idk)
+        _, outputs.idk_logp, _ = forward(idk)
         outputs.idk_mask = idk.answer_mask.to(device)
         outputs.ref_idk_logp = ref.token_logprobs("idk", idk).to(device)
     if "retain" in spec.reference:
