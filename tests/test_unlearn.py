@@ -284,6 +284,11 @@ def test_every_method_on_micro_gives_finite_metrics(micro_cfg, micro_inputs, tmp
     assert all(math.isfinite(stats[name]["forget_loss"]) for name in METHODS)
     evaluate(cfg, {**micro_inputs, "unlearn": tmp_path / "unlearn"}, tmp_path / "evaluate")
     rows = read_table(tmp_path / "evaluate" / "metrics.parquet").to_pylist()
+    values = {(r["model"], r["metric"]): r["value"] for r in rows}
+    for name in ["target", *sorted(METHODS)]:
+        trained = f"forget NLL {stats[name]['forget_loss']:.3f}, " if name in stats else ""
+        print(f"{name}: {trained}forget_prob {values[(name, 'forget_prob')]:.3f}, "
+              f"model_utility {values[(name, 'model_utility')]:.3f}")
     assert {r["model"] for r in rows} >= set(METHODS)
     assert all(math.isfinite(r["value"]) for r in rows), [(r["model"], r["metric"]) for r in rows
                                                          if not math.isfinite(r["value"])]
