@@ -255,15 +255,23 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> None:
     from stages.unlearn import METHODS
+    from stages.unlearn.methods import INPUT_KINDS, REFERENCE_KINDS
 
     for spec in METHODS.values():
-        params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
-        needs = ", ".join(filter(None, ["selective mask" if spec.selective else "",
-                                        f"reference log-probs ({'+'.join(spec.reference)})" if spec.reference else ""]))
-        print(f"  {spec.name:<9} {params:<32} {needs}")
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.params.items())
+        needs = [
+            "SU's selection (masks.parquet)" if spec.selective else "",
+            f"the model's {' and '.join(INPUT_KINDS[k] for k in spec.inputs)}" if spec.inputs else "",
+            f"the frozen model's {' and '.join(REFERENCE_KINDS[k] for k in spec.reference)}" if spec.reference else "",
+            "unlearn.reference=model" if spec.needs_reference_model else "",
+            "trains only mlp.down_proj of layers layer-2..layer" if spec.updates else "",
+        ]
+        detail = "; ".join(filter(None, [params, "needs " + ", ".join(filter(None, needs)) if any(needs) else ""]))
+        print(f"  {spec.name:<10} {spec.description}" + (f" [{detail}]" if detail else ""))
     print("\n  set a parameter with --set unlearn.params.<method>.<param>=VALUE (e.g. unlearn.params.npo.beta=0.2)")
     print("  every method also takes unlearn.alpha (retain-loss weight), unlearn.lr and unlearn.epochs")
     print("  reference values come from ref_logprobs.parquet; unlearn.reference=model keeps the frozen model instead")
+    print("  formulas and sources: docs/metrics.md, 'Unlearning methods'")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -311,6 +311,19 @@ def validate(cfg: Config) -> None:
     for method in cfg.unlearn.methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}{suggest(method, METHODS)}")
+        spec = METHODS[method].with_params(cfg.unlearn.params.get(method, {}))
+        if spec.needs_reference_model and cfg.unlearn.reference != "model":
+            raise ConfigError(
+                f"{method} distils from the frozen model's full logits on forget tokens, which ref_logprobs.parquet "
+                "cannot hold exactly (V floats per token); set unlearn.reference=model"
+            )
+        if "layer" in spec.params and cfg.model.name is None:  # the tiny target: its layer count is known here
+            try:
+                spec.layer(cfg.target.num_layers)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (target.num_layers={cfg.target.num_layers})") from None
+        if spec.updates and cfg.unlearn.lora.r:
+            raise ConfigError(f"{method} trains its own parameter group, not LoRA adapters; set unlearn.lora.r=0")
     t = cfg.target
     if t.finetune and cfg.model.name is None:
         raise ConfigError("target.finetune=true needs model.name (the base model to fine-tune)")

@@ -29,6 +29,10 @@ def test_overrides_are_typed():
         (["unlearn.params.npo.beta=high"], "unlearn.params.npo.beta: expected float, got 'high'"),
         (["unlearn.reference=disk"], "unlearn.reference must be logprobs or model"),
         (["unlearn.stop_check_every=-1"], "unlearn.stop_check_every must be >= 0"),
+        (["unlearn.methods=su,undial"], "undial distils from the frozen model's full logits on forget tokens, which "
+         "ref_logprobs.parquet cannot hold exactly (V floats per token); set unlearn.reference=model"),
+        (["unlearn.methods=rmu", "unlearn.params.rmu.layer=2"],
+         "rmu: unlearn.params.rmu.layer=2, but the model has layers 0..1 (target.num_layers=2)"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, message):
@@ -36,6 +40,11 @@ def test_bad_values_give_one_clear_line(overrides, message):
         load_config("micro", overrides=overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_undial_runs_with_the_reference_model_kept():
+    cfg = load_config("micro", overrides=["unlearn.methods=undial,su_undial,rmu", "unlearn.reference=model"])
+    assert cfg.unlearn.methods == ["undial", "su_undial", "rmu"]
 
 
 def test_method_parameters_from_flags_and_files(tmp_path):

@@ -129,3 +129,28 @@ def test_stop_check_every_sets_the_checked_steps(micro_cfg, micro_data, tmp_path
     rows, stats = train_method(dataclasses.replace(u, stop_check_every=1, stop_forget_prob=0.999), spec, data,
                                target, tmp_path / "first")
     assert stats["stopped_at_step"] == 1 and len(rows) == 1
+
+
+def test_a_resumed_run_continues_the_losss_state(micro_cfg, micro_data, tmp_path, monkeypatch):
+    """pdu's dual weight moves every step (no warm-up here); the checkpoint carries it, so a run killed after step 2
+    resumes with the weight the full run had there: the same losses and weights. Resumed from α, they would differ."""
+    data, target = micro_data
+    u, spec = _unlearn_cfg(micro_cfg), METHODS["pdu"].with_params({"dual_warmup_epochs": 0.0})
+    full_rows, _ = train_method(u, spec, data, target, tmp_path / "full")
+    scratch = tmp_path / "scratch"
+    check = unlearn_loop.check_divergence
+
+    def die_at_step_4(method, step, *values):
+        if step == 4:
+            raise Killed
+        check(method, step, *values)
+
+    monkeypatch.setattr(unlearn_loop, "check_divergence", die_at_step_4)
+    with pytest.raises(Killed):
+        train_method(u, spec, data, target, tmp_path / "killed", scratch)
+    monkeypatch.setattr(unlearn_loop, "check_divergence", check)
+    rows, stats = train_method(u, spec, data, target, tmp_path / "resumed", scratch)
+    assert stats["resumed_from_step"] == 2
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in full_rows], rtol=0, atol=1e-6)
+    full, resumed = _weights(tmp_path / "full" / "pdu"), _weights(tmp_path / "resumed" / "pdu")
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6

@@ -34,7 +34,7 @@ from stages.unlearn.distributed import init_distributed, launch
 from stages.unlearn.lora import merged, trainable, with_lora
 from stages.unlearn.method_cache import method_key, restore, store
 from stages.unlearn.methods import METHODS, MethodSpec, Outputs, nll, token_logprobs
-from stages.unlearn.reference import ModelReference, Reference, reference_table
+from stages.unlearn.reference import ModelReference, Reference, hidden_table, layer_output, reference_table
 
 TARGET_DIR = "target"  # inside the target stage's folder
 
@@ -126,8 +126,12 @@ def load_data(cfg: Config, inputs: dict[str, Path], specs: list[MethodSpec], out
         else:
             splits = {"forget": forget, "idk": idk, "retain": retain}
             table = reference_table(
-                model, {k: splits[k] for k in kinds}, tokenizer.pad_token_id, 4 * cfg.unlearn.batch_size
+                model, {k: splits[k] for k in kinds if k in splits}, tokenizer.pad_token_id, 4 * cfg.unlearn.batch_size
             )
+            layers = {s.layer(model.config.num_hidden_layers) for s in specs if "retain_hidden" in s.reference}
+            hidden = [hidden_table(model, retain, layer, tokenizer.pad_token_id, 4 * cfg.unlearn.batch_size)
+                      for layer in sorted(layers)]
+            table = pa.concat_tables([t.cast(REF_LOGPROBS) for t in [table, *hidden]])
             reference = Reference(table)
             del model
     if rank == 0:  # empty when no method reads reference values, or when the model itself is kept
@@ -164,6 +168,7 @@ class Run:
     peak_mb: float = 0.0
     stopped: int | None = None
     prob: float | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # what the loss carries across steps (Outputs.state)
 
 
 def train_method(
@@ -178,7 +183,7 @@ def train_method(
     for micro in range(run.first, len(run.plan)):
         epoch, forget_rows, retain_rows = run.plan[micro]
         outputs, forget_nll, retain_nll = step_outputs(
-            run.engine, spec, data, forget_rows[rank::world], retain_rows[rank::world]
+            run.engine, spec, data, forget_rows[rank::world], retain_rows[rank::world], epoch, run.state
         )
         loss = spec(outputs, u.alpha)
         run.engine.backward(loss)
@@ -209,6 +214,10 @@ def start_run(
 
     seed_everything(u.seed)
     model = with_lora(load_model(target_dir), u.lora)
+    group = spec.trainable([name for name, _ in model.named_parameters()], model.config.num_hidden_layers)
+    if group is not None:  # the method's own parameter group (rmu); the rest stays frozen
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in group)
     optimizer = torch.optim.AdamW(trainable(model), lr=u.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(u, world))
     if world == 1 and u.zero_stage == 0:  # averaging gradients over a world of one copies them for nothing
@@ -218,12 +227,13 @@ def start_run(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoints = scratch / spec.name if scratch is not None and u.checkpoint_every else None
-    first, rows = load_checkpoint(engine, checkpoints) if checkpoints is not None else (0, [])
+    state: dict[str, Any] = {}
+    first, rows = load_checkpoint(engine, checkpoints, state) if checkpoints is not None else (0, [])
     snapshots = (scratch if scratch is not None else out) / "snapshots" / spec.name
     bar = Progress("unlearn", len(plan) // u.grad_accum, model=spec.name, initial=len(rows),
                    enabled=torch.distributed.get_rank() == 0)
     return Run(engine, plan, first, rows, checkpoints, snapshots, bar, rows[-1]["seconds"] if rows else 0.0,
-               peak_mb=memory_mb())
+               peak_mb=memory_mb(), state=state)
 
 
 def end_of_step(run: Run, u: UnlearnConfig, spec: MethodSpec, data: Data, step: int, micro: int) -> bool:
@@ -250,7 +260,7 @@ def end_of_step(run: Run, u: UnlearnConfig, spec: MethodSpec, data: Data, step: 
     if snapshot:
         save_snapshot(run.engine, u.zero_stage, run.snapshots, step)
     if checkpoint:
-        save_checkpoint(run.engine, run.checkpoints, step, micro + 1, run.rows)
+        save_checkpoint(run.engine, run.checkpoints, step, micro + 1, run.rows, run.state)
     return False
 
 
@@ -350,19 +360,24 @@ def link_snapshots(source: Path, dest: Path, steps: list[int]) -> None:
         shutil.copytree(source / f"step-{k}", dest / f"step-{k}", copy_function=os.link)
 
 
-def save_checkpoint(engine, folder: Path, step: int, next_micro: int, rows: list[dict]) -> None:
-    """Weights, optimizer state, the position in the plan, the log so far and the RNG states; keeps only this one."""
+def save_checkpoint(
+    engine, folder: Path, step: int, next_micro: int, rows: list[dict], state: dict | None = None
+) -> None:
+    """Weights, optimizer state, the position in the plan, the log so far, the RNG states and the loss's state;
+    keeps only this one."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     engine.save_checkpoint(str(folder), tag=f"step{step}", client_state={"next_micro": next_micro, "rows": rows,
-                                                                        "rng": rng})
+                                                                        "rng": rng, "state": state or {}})
     if torch.distributed.get_rank() == 0:  # DeepSpeed wrote `latest` last, so older tags are no longer needed
         for old in folder.glob("step*"):
             if old.name != f"step{step}":
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
-    """(first micro step to run, log rows so far) from the newest checkpoint in `folder`; (0, []) without one."""
+def load_checkpoint(engine, folder: Path, state: dict | None = None) -> tuple[int, list[dict]]:
+    """(first micro step to run, log rows so far) from the newest checkpoint in `folder`; (0, []) without one.
+
+    Fills `state` with the loss's state it saved."""
     latest = folder / "latest"
     tag = latest.read_text().strip() if latest.is_file() else ""
     if not tag or not (folder / tag).is_dir():  # none yet, or a kill while DeepSpeed wrote `latest`
@@ -371,6 +386,8 @@ def load_checkpoint(engine, folder: Path) -> tuple[int, list[dict]]:
     random.setstate(client["rng"]["python"])
     np.random.set_state(client["rng"]["numpy"])
     torch.set_rng_state(client["rng"]["torch"])
+    if state is not None:
+        state.update(client.get("state", {}))
     log.info("unlearn: resuming from checkpoint %s", folder / tag)
     return client["next_micro"], client["rows"]
 
@@ -383,37 +400,56 @@ def forget_prob(engine, data: Data, batch_size: int) -> float:
 
 
 def step_outputs(
-    engine, spec: MethodSpec, data: Data, forget_rows: np.ndarray, retain_rows: np.ndarray
+    engine,
+    spec: MethodSpec,
+    data: Data,
+    forget_rows: np.ndarray,
+    retain_rows: np.ndarray,
+    epoch: int = 0,
+    state: dict | None = None,
 ) -> tuple[Outputs, torch.Tensor, torch.Tensor]:
     """The method's inputs for one micro step, plus the forget and retain NLL over all answer tokens (for the log)."""
     device = engine.device
+    layer = spec.layer(engine.module.config.num_hidden_layers) if "hidden" in spec.inputs else None
 
     def forward(batch):
         ids = batch.input_ids.to(device)
-        logits = engine(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits
-        return logits, token_logprobs(logits, ids)
+        with layer_output(engine.module, layer) as hidden:
+            logits = engine(input_ids=ids, attention_mask=batch.attention_mask.to(device)).logits
+        return logits, token_logprobs(logits, ids), hidden[0] if hidden else None
 
     forget, retain = collate(data.forget, forget_rows, data.pad_id), collate(data.retain, retain_rows, data.pad_id)
-    _, forget_logp = forward(forget)
-    retain_logits, retain_logp = forward(retain)
+    forget_logits, forget_logp, forget_hidden = forward(forget)
+    retain_logits, retain_logp, retain_hidden = forward(retain)
     outputs = Outputs(
         forget_logp=forget_logp,
         forget_mask=(forget.labels(spec.selective) != -100).to(device),
         retain_logp=retain_logp,
         retain_mask=retain.answer_mask.to(device),
+        forget_logits=forget_logits,
+        forget_ids=forget.input_ids.to(device),
+        forget_answer_mask=forget.answer_mask.to(device),
+        forget_hidden=forget_hidden,
+        retain_hidden=retain_hidden,
+        epoch=epoch,
+        state=state if state is not None else {},
     )
     ref = data.reference
     if "forget" in spec.reference:
         outputs.ref_forget_logp = ref.token_logprobs("forget", forget).to(device)
     if "idk" in spec.reference:
         idk = collate(data.idk, forget_rows, data.pad_id)
-        _, outputs.idk_logp = forward(idk)
+        _, outputs.idk_logp, _ = forward(idk)
         outputs.idk_mask = idk.answer_mask.to(device)
         outputs.ref_idk_logp = ref.token_logprobs("idk", idk).to(device)
     if "retain" in spec.reference:
         top_logp, top_ids = ref.topk(retain)
         outputs.retain_logits = retain_logits
         outputs.ref_retain_topk_logp, outputs.ref_retain_topk_ids = top_logp.to(device), top_ids.to(device)
+    if "retain_hidden" in spec.reference:
+        outputs.ref_retain_hidden = ref.hidden(retain, layer).to(device)
+    if "forget_logits" in spec.reference:
+        outputs.ref_forget_logits = ref.logits(forget).to(device)
     with torch.no_grad():
         forget_nll = nll(forget_logp, forget.answer_mask.to(device))
         retain_nll = nll(retain_logp, outputs.retain_mask)
