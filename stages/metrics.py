@@ -1,5 +1,5 @@
-"""TOFU and MUSE metrics as pure functions over per-item NLLs, log-probs and generations, found by name in
-METRIC_FUNCTIONS.
+"""TOFU and MUSE metrics as pure functions over per-item NLLs, log-probs and generations; the suites in
+stages/evaluate/ declare which of them each metric uses.
 
 Definitions follow docs/metrics.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
 guards, the same libraries (rouge_score for ROUGE-L, scipy.stats.ks_2samp for forget quality, scipy.stats.hmean for
@@ -11,7 +11,7 @@ Fact recall is this project's addition (docs/metrics.md says why).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
@@ -21,26 +21,11 @@ log = logging.getLogger("sunlearn")
 
 EPS = 1e-10  # open-unlearning's guard against a probability that underflows to 0
 
-METRIC_FUNCTIONS: dict[str, Callable[..., np.ndarray | float]] = {}
-
-
-def register(name: str) -> Callable[[Callable], Callable]:
-    def wrap(fn: Callable) -> Callable:
-        if name in METRIC_FUNCTIONS:
-            raise ValueError(f"metric {name!r} registered twice")
-        METRIC_FUNCTIONS[name] = fn
-        return fn
-
-    return wrap
-
-
-@register("probability")
 def probability(nll_avg: np.ndarray) -> np.ndarray:
     """Per item P(a|q) = exp(-NLLavg(a))."""
     return np.exp(-np.asarray(nll_avg, dtype=np.float64))
 
 
-@register("normalised_probability")
 def normalised_probability(correct: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
     """Per item P(a) / (P(a) + sum_j P(perturbed_j)), for real_authors and world_facts."""
     p_correct = probability(correct)
@@ -48,7 +33,6 @@ def normalised_probability(correct: np.ndarray, perturbed: np.ndarray) -> np.nda
     return p_correct / (p_correct + p_wrong + EPS)
 
 
-@register("truth_ratio")
 def truth_ratio(correct: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
     """Per item P̄_perturbed / P_correct, P̄ the geometric mean exp(-mean_j NLLavg(perturbed_j))."""
     p_correct = probability(correct)
@@ -56,14 +40,12 @@ def truth_ratio(correct: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
     return p_wrong / (p_correct + EPS)
 
 
-@register("truth_ratio_closer_to_1")
 def truth_ratio_closer_to_1(ratios: np.ndarray) -> float:
     """Forget aggregate: mean of min(TR, 1/TR); 1 when true and false answers are equally likely."""
     ratios = _finite(ratios)
     return float(np.mean(np.minimum(ratios, 1.0 / (ratios + EPS)))) if ratios.size else float("nan")
 
 
-@register("truth_ratio_true_better")
 def truth_ratio_true_better(ratios: np.ndarray) -> float:
     """Retain, real_authors and world_facts aggregate: mean of max(0, 1 - TR)."""
     ratios = _finite(ratios)
@@ -75,13 +57,11 @@ _WORDS = tokenizers.DefaultTokenizer(use_stemmer=True)  # ROUGE's own words: low
 MIN_K = 0.4  # MUSE's PrivLeak: Min-40% token log-probs
 
 
-@register("rouge_l_recall")
 def rouge_l_recall(generations: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """Per item ROUGE-L recall of a generation against its reference: TOFU's ROUGE."""
     return np.array([s.recall for s in _rouge_l(generations, references)])
 
 
-@register("rouge_l_f1")
 def rouge_l_f1(generations: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """Per item ROUGE-L F1 of a generation against its reference: MUSE's VerbMem and KnowMem score."""
     return np.array([s.fmeasure for s in _rouge_l(generations, references)])
@@ -123,7 +103,6 @@ def fact_words_from_perturbed(answer: str, paraphrased: str, perturbed: Sequence
     ]
 
 
-@register("fact_recall")
 def fact_recall(generations: Sequence[str], fact_words: Sequence[Sequence[str]]) -> np.ndarray:
     """Per item: the share of its fact words that the generation contains; NaN for an item without fact words."""
     if len(generations) != len(fact_words):
@@ -136,7 +115,6 @@ def fact_recall(generations: Sequence[str], fact_words: Sequence[Sequence[str]])
     return out
 
 
-@register("min_k_percent")
 def min_k_percent(token_logprobs: Sequence[np.ndarray], k: float = MIN_K) -> np.ndarray:
     """Per text: -mean of its lowest k-share token log-probs (at least one token); high means "not seen"."""
     out = np.full(len(token_logprobs), np.nan)
@@ -147,7 +125,6 @@ def min_k_percent(token_logprobs: Sequence[np.ndarray], k: float = MIN_K) -> np.
     return out
 
 
-@register("forget_holdout_auc")
 def forget_holdout_auc(forget_scores: np.ndarray, holdout_scores: np.ndarray) -> float:
     """ROC AUC of telling forget (label 0) from holdout (label 1) texts by their Min-K% score."""
     a, b = _finite(forget_scores), _finite(holdout_scores)
@@ -158,7 +135,6 @@ def forget_holdout_auc(forget_scores: np.ndarray, holdout_scores: np.ndarray) ->
     return float((ranks[a.size :].sum() - b.size * (b.size + 1) / 2) / (a.size * b.size))
 
 
-@register("privleak")
 def privleak(auc: float, auc_retain: float) -> float:
     """((1 - AUC) - (1 - AUC_retain)) / (1 - AUC_retain) x 100; 0 when the model leaks as much as the retain model."""
     if not np.isfinite(auc) or not np.isfinite(auc_retain) or auc_retain == 1.0:
@@ -166,7 +142,6 @@ def privleak(auc: float, auc_retain: float) -> float:
     return float(((1.0 - auc) - (1.0 - auc_retain)) / (1.0 - auc_retain) * 100.0)
 
 
-@register("forget_quality")
 def forget_quality(model_ratios: np.ndarray, retain_ratios: np.ndarray) -> float:
     """p-value of the two-sample KS test between forget-set truth ratios of a model and of the retain model."""
     a, b = _finite(model_ratios), _finite(retain_ratios)
@@ -175,7 +150,6 @@ def forget_quality(model_ratios: np.ndarray, retain_ratios: np.ndarray) -> float
     return float(ks_2samp(a, b).pvalue)
 
 
-@register("model_utility")
 def model_utility(values: Sequence[float]) -> float:
     """Harmonic mean of the nine retain/ra/wf numbers; 0 if any is 0, NaN if any is missing."""
     values = np.asarray(values, dtype=np.float64)
@@ -186,7 +160,6 @@ def model_utility(values: Sequence[float]) -> float:
     return float(hmean(values))
 
 
-@register("exact_memorization")
 def exact_memorization(correct: Sequence[np.ndarray]) -> np.ndarray:
     """Per item: fraction of answer positions where the teacher-forced argmax equals the label.
 
@@ -195,7 +168,6 @@ def exact_memorization(correct: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([float(np.mean(c)) if len(c) else float("nan") for c in correct])
 
 
-@register("extraction_strength")
 def extraction_strength(correct: Sequence[np.ndarray]) -> np.ndarray:
     """Per item 1 - k*/|y|, k* the smallest k with argmax == label at every position from k on, over the answer
     positions before EOS.

@@ -11,28 +11,6 @@ import pytest
 from stages import metrics as M
 
 
-def test_registry_holds_every_metric_by_name():
-    expected = {
-        "probability",
-        "normalised_probability",
-        "truth_ratio",
-        "truth_ratio_closer_to_1",
-        "truth_ratio_true_better",
-        "rouge_l_recall",
-        "forget_quality",
-        "model_utility",
-        "exact_memorization",
-        "extraction_strength",
-        "rouge_l_f1",
-        "fact_recall",
-        "min_k_percent",
-        "forget_holdout_auc",
-        "privleak",
-    }
-    assert expected <= set(M.METRIC_FUNCTIONS)
-    assert M.METRIC_FUNCTIONS["truth_ratio"] is M.truth_ratio
-
-
 def test_probability_is_exp_of_minus_average_nll():
     np.testing.assert_allclose(M.probability(np.array([0.0, math.log(2), math.log(10)])), [1.0, 0.5, 0.1])
 
