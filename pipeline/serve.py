@@ -251,7 +251,8 @@ def serve(
     ui_url = f"http://{host}:{port}"
     api_url = f"{ui_url}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": api_url, "SUNLEARN_REPO": str(REPO), "SUNLEARN_ARTIFACTS": artifacts}
+           "PREFECT_API_URL": api_url, "SUNLEARN_REPO": str(REPO), "SUNLEARN_ARTIFACTS": artifacts,
+           "SUNLEARN_SCHEDULE_CONFIG": os.environ.get("SUNLEARN_SCHEDULE_CONFIG", "")}
     env.pop("PREFECT_PROFILE", None)
     try:
         server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}

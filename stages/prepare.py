@@ -109,12 +109,17 @@ def _read_hub(dataset_id: str, config_name: str) -> list[dict[str, Any]]:
     return _check_rows(rows, f"{dataset_id}/{config_name}")
 
 
-def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
-    """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
+def tofu_stems(data: DataConfig) -> dict[str, str]:
+    """Output split -> TOFU file stem (forget10.json, retain90.json, ...)."""
     match = re.fullmatch(r"forget(\d\d)", data.split)
     if match is None or match.group(1) not in ("01", "05", "10"):
         raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {data.split!r}")
-    stems = {"forget": data.split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+    return {"forget": data.split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+
+
+def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
+    stems = tofu_stems(data)
     path = data.path or TOFU_HUB_ID
     folder = Path(path).expanduser()
     if folder.is_dir():
@@ -224,6 +229,14 @@ def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
         if not splits["forget"]:
             raise ConfigError(f"{forget_source}: the forget set is empty")
         return splits
+    elif data.source == "files":
+        from stages.corpus import files_splits
+        from stages.inputs import hub_datasets
+
+        splits = files_splits(data, *(revision for _, revision in hub_datasets(data)))
+        if not splits["forget"]:
+            raise ConfigError(f"data.forget_ids {data.forget_ids}: the forget list is empty")
+        return splits
     else:
         raise ConfigError(f"unknown data source {data.source!r}")
     if not splits["forget"]:
@@ -318,6 +331,11 @@ def _row(split: str, doc_id: str, r: dict[str, Any], input_ids: list[int], answe
             "input_ids": input_ids, "answer_start": answer_start, "gold": gold}
 
 
+def _doc_id(split: str, i: int, r: dict[str, Any], width: int) -> str:
+    """split/<the record's own id> (files source), else split/<zero-padded index>."""
+    return f"{split}/{r['id']}" if r.get("id") is not None else f"{split}/{i:0{width}d}"
+
+
 def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
     prompts = tokenizer([prompt_text(r["question"]) for _, r in picked], add_special_tokens=False)["input_ids"]
     need_offsets = any(r["gold_spans"] for _, r in picked)
@@ -333,7 +351,7 @@ def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) 
             mask = np.zeros(len(input_ids), dtype=bool)
             mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(answers["offset_mapping"][k], r["gold_spans"])
             gold = mask.tolist()
-        rows.append(_row(split, f"{split}/{i:0{width}d}", r, input_ids, len(prompt), gold))
+        rows.append(_row(split, _doc_id(split, i, r, width), r, input_ids, len(prompt), gold))
     return rows
 
 
@@ -347,7 +365,7 @@ def _encode_text(tokenizer, bos: list[int], split: str, picked: list, width: int
         for c, lo in enumerate(starts):
             hi = min(lo + MUSE_CHUNK_TOKENS, len(ids))
             chunk = {**r, "answer": r["answer"][offsets[lo][0] : offsets[hi - 1][1]]}
-            doc_id = f"{split}/{i:0{width}d}-{c:03d}" if split in SPLITS_TRAIN else f"{split}/{i:0{width}d}"
+            doc_id = _doc_id(split, i, r, width) + (f"-{c:03d}" if split in SPLITS_TRAIN else "")
             rows.append(_row(split, doc_id, chunk, bos + ids[lo:hi], 0, None))
     return rows
 
@@ -356,7 +374,7 @@ def _encode_continuation(tokenizer, bos: list[int], split: str, picked: list, wi
     prompts = tokenizer([r["question"] for _, r in picked], add_special_tokens=False)["input_ids"]
     answers = tokenizer([" " + r["answer"] for _, r in picked], add_special_tokens=False)["input_ids"]
     return [
-        _row(split, f"{split}/{i:0{width}d}", r, bos + prompts[k] + answers[k], len(bos) + len(prompts[k]), None)
+        _row(split, _doc_id(split, i, r, width), r, bos + prompts[k] + answers[k], len(bos) + len(prompts[k]), None)
         for k, (i, r) in enumerate(picked)
     ]
 
@@ -388,4 +406,6 @@ def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         gold_coverage=(sum(map(sum, forget_gold)) / forget_answer_tokens) if forget_gold else None,
     )
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if cfg.data.source == "files":  # the requests this artifact honours; the run summary compares them
+        stats["forget_ids"] = [r["id"] for r in splits["forget"]]
     return stats
