@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds-key", default="unlearn.seed", help="grid key averaged over in the summary")
     sweep.add_argument("--json", action="store_true")
 
+    study = sub.add_parser("study", help="run a study file (studies/NAME.yaml) and write docs/results/NAME.md")
+    study.add_argument("files", nargs="*", metavar="FILE", help="study files (with --check, default: studies/*.yaml)")
+    study.add_argument("--check", action="store_true",
+                       help="recompute the fingerprints of every run on each page, run nothing; exit 1 if stale")
+    study.add_argument("--artifacts", default="artifacts", help="artifact root (default: ./artifacts)")
+
     sub.add_parser("methods", help="list the registered unlearning methods with their parameters")
 
     verify = sub.add_parser("verify", help="check every cached artifact against its manifest's checksums")
@@ -65,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(report)
 
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
-    serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the server listens on (default: 127.0.0.1; any other needs --auth)")
+    serve.add_argument("--auth", action="store_true",
+                       help="require the auth string kept in HOME/auth_string (created mode 0600) from every client")
     serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
     serve.add_argument("--db", default="sqlite", help="sqlite | postgres (a local cluster) | postgresql+asyncpg://...")
     serve.add_argument("--artifacts", default="artifacts", help="artifact root the deployments use")
@@ -93,6 +102,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print()
     for s in summary["stages"]:
         print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")
+        if s["name"] == "unlearn" and s["status"] == "ran":
+            methods = {m: v for m, v in s["stats"].items() if isinstance(v, dict)}
+            trained = [m for m, v in methods.items() if not v.get("reused")] or ["none"]
+            reused = [m for m, v in methods.items() if v.get("reused")] or ["none"]
+            print(f"  {'':<11} trained {', '.join(trained)}; reused {', '.join(reused)} (same settings, earlier run)")
     if summary["metrics"]:
         import pyarrow as pa
 
@@ -157,6 +171,25 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"\nsweep results: {result['path']}")
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.study import check_study, load_study, run_study, study_files
+
+    files = study_files(args.files)
+    if not files:
+        raise ConfigError("no study files given and none in studies/")
+    if args.check:
+        stale = [problem for path in files for problem in check_study(path)]
+        for problem in stale:
+            print(f"  stale: {problem}")
+        print(f"{len(files) - len({p.split(':')[0] for p in stale})} of {len(files)} studies current")
+        return 1 if stale else 0
+    studies = [load_study(path) for path in files]  # every file and point checked before anything runs
+    _console_without_tracebacks(args.debug)
+    for study in studies:
+        print(run_study(study, args.artifacts))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from stages.unlearn import METHODS
 
@@ -202,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve, "sweep": cmd_sweep,
-            "methods": cmd_methods, "verify": cmd_verify, "report": cmd_report}
+            "study": cmd_study, "methods": cmd_methods, "verify": cmd_verify, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

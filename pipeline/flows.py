@@ -1,4 +1,7 @@
-"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs."""
+"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs.
+
+A run started through the server keeps its paths inside the worker's allowed roots (pipeline/confinement.py).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +18,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.states import Completed  # noqa: E402
 
 from pipeline.changes import changes_markdown, record_and_compare  # noqa: E402
+from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
 from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
-from stages.config import Config, load_config  # noqa: E402
-
-DEFAULT_ARTIFACTS = "artifacts"
+from stages.config import Config  # noqa: E402
 
 
 def _summary_markdown(result: StageResult) -> str:
@@ -70,7 +72,7 @@ def pipeline_flow(
     """prepare → target → assistants → scores → masks → unlearn → evaluate, each stage cached by fingerprint; the
     summary's `changes` say what changed since the last run of this config (also the `run-changes` artifact). An
     empty `config_file` (the schedule's, when SUNLEARN_SCHEDULE_CONFIG was unset at deploy time) means none."""
-    cfg = load_config(preset, config_file or None, overrides or [])
+    cfg = load_confined(preset, config_file or None, overrides or [], artifacts)
     summary = run_stages(cfg, ORDER, artifacts, set(downstream(force)) if force else set())
     summary["changes"] = record_and_compare(cfg, artifacts, summary["stages"])
     create_markdown_artifact(key="run-changes", markdown=changes_markdown(summary["changes"]),
@@ -88,5 +90,31 @@ def stage_flow(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """One stage: reuse cached upstream, compute only what is missing, and with `force` recompute this stage."""
-    cfg = load_config(preset, config_file, overrides or [])
+    cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, upstream_closure(stage), artifacts, {stage} if force else set())
+
+
+@flow(name="sunlearn-study", log_prints=True)
+def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | None = None) -> str:
+    """Every point of a study file as a pipeline run, then its results page (also a `study-<name>` artifact)."""
+    import time
+
+    from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
+
+    start = time.time()
+    study = load_study(file)
+    points = study_points(study)
+    logger = get_run_logger()
+    results = []
+    for i, point in enumerate(points, 1):
+        logger.info("study %s: run %d/%d: %s", study.name, i, len(points), " ".join(point.overrides))
+        summary = run_stages(load_confined(study.preset, None, point.overrides, artifacts), ORDER, artifacts, set())
+        by_stage = {s["name"]: s for s in summary["stages"]}
+        results.append({"metrics": summary["metrics"],
+                        "fingerprints": {name: s["fingerprint"] for name, s in by_stage.items()},
+                        "paths": {name: s["path"] for name, s in by_stage.items()},
+                        "masks": by_stage["masks"]["stats"]})
+    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR)
+    create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),
+                             description=f"sunlearn study {study.name}")
+    return str(page)

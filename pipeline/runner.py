@@ -60,11 +60,12 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
                     "inputs": {k: str(v) for k, v in inputs.items()}}
             function = spec.function()
             # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill;
-            # evaluate keeps per-item results per weights in one folder every evaluate artifact shares
+            # unlearn keeps trained methods and evaluate per-item results in folders every artifact shares
             params = inspect.signature(function).parameters
             extra = {"scratch": cache.scratch(entry)} if "scratch" in params else {}
-            if "eval_cache" in params:
-                extra["eval_cache"] = cache.shared("eval_cache")
+            for shared in ("eval_cache", "method_cache"):  # results keyed by content, shared by every artifact
+                if shared in params:
+                    extra[shared] = cache.shared(shared)
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             storage.publish(artifacts, entry)
             status = "ran"

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline.cache import fingerprint
+from pipeline.confinement import load_confined
 from pipeline.dag import ORDER
 from pipeline.flows import DEFAULT_ARTIFACTS, run_stages
 from schemas import write_json_atomic, write_table
@@ -62,8 +63,8 @@ def sweep_flow(
     logger = get_run_logger()
     parsed = parse_grid(grid)
     points = grid_points(parsed)
-    for point in points:  # validate every point before any work starts
-        load_config(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())])
+    for point in points:  # validate (and confine) every point before any work starts
+        load_confined(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())], artifacts)
     rows: list[dict[str, Any]] = []
     for i, point in enumerate(points, 1):
         logger.info("sweep point %d/%d: %s", i, len(points), point)

@@ -26,7 +26,8 @@ def input_files(data: DataConfig) -> list[Path]:
         return files_source_inputs(data)
     if data.source == "tofu" and data.path and Path(data.path).expanduser().is_dir():
         folder = Path(data.path).expanduser()
-        return [folder / f"{stem}.json" for stem in prepare.tofu_stems(data).values()]
+        holdout = folder / prepare.tofu_holdout_file(data)
+        return [folder / f"{stem}.json" for stem in prepare.tofu_stems(data).values()] + [holdout] * holdout.is_file()
     if data.source == "muse" and data.path not in (None, "embedded") and Path(data.path).expanduser().is_dir():
         folder = Path(data.path).expanduser()
         return sorted({p for pattern, _, _ in prepare.MUSE_FILES.values() for p in folder.glob(pattern)})

@@ -32,8 +32,8 @@ PARETO_AXES = (("model_utility", "forget_quality", True, True), ("knowmem_r", "v
 RESULT_COLUMNS = (
     "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_fact_recall", "retain_fact_recall",
     "forget_truth_ratio", "exact_memorization", "extraction_strength", "verbmem_f", "knowmem_f", "knowmem_r",
-    "privleak", "forget_nll", "retain_nll", "doc_verbmem_f", "doc_privleak", "forget_qa_rouge", "retain_qa_rouge",
-    "utility_rouge",
+    "privleak", "tofu_privleak", "forget_nll", "retain_nll", "doc_verbmem_f", "doc_privleak", "forget_qa_rouge",
+    "retain_qa_rouge", "utility_rouge",
 )  # fmt: skip
 SELECTION_DOCS = 60  # forget documents shown in selection.html
 
@@ -68,7 +68,8 @@ def results_markdown(metrics: dict[str, dict[str, float]]) -> str:
         "",
         "Higher is better: forget_quality (KS p-value against the retain model), model_utility, retain_*, knowmem_r. "
         "Lower is better on the forget set: forget_rouge, forget_fact_recall, exact_memorization, "
-        "extraction_strength, verbmem_f, knowmem_f. privleak: near 0 is best. Definitions: docs/metrics.md.",
+        "extraction_strength, verbmem_f, knowmem_f. privleak, tofu_privleak: near 0 is best. "
+        "Definitions: docs/metrics.md.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -280,9 +281,16 @@ def plot_curves(curves: list[Curve], references: dict[str, dict[str, float]], pa
     axes = [a for a in AXES.values() if any(np.isfinite(c.values(a.name)).any() for c in curves)]
     if not axes:
         return False
-    fig, panels = plt.subplots(1, len(axes), figsize=(4.2 * len(axes), 4), dpi=100, squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
+    columns = min(2, len(axes))
+    rows = math.ceil(len(axes) / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows + 0.6), dpi=100, squeeze=False)
+    panels = grid.ravel()
+    for unused in panels[len(axes):]:
+        unused.set_visible(False)
     methods = list(dict.fromkeys(c.method for c in curves))
-    for panel, axis in zip(panels[0], axes, strict=True):
+    for panel, axis in zip(panels, axes, strict=False):
         for colour, method in zip(METHOD_COLOURS * 4, methods, strict=False):
             x, y, spread = _mean_curve([c for c in curves if c.method == method], axis.name)
             if axis.log:
@@ -299,13 +307,14 @@ def plot_curves(curves: list[Curve], references: dict[str, dict[str, float]], pa
                               marker=marker, s=70, color="black", zorder=4, label=name)
         if axis.log:
             panel.set_xscale("log")
+            panel.xaxis.set_minor_formatter(NullFormatter())
         panel.set_xlabel(f"{axis.name} ({'lower' if axis.down else 'higher'} = more forgotten)")
         panel.set_ylabel(UTILITY)
         panel.grid(alpha=0.3)
-    handles, labels = panels[0][0].get_legend_handles_labels()
+    handles, labels = panels[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
     fig.suptitle("Model utility along each method's unlearning curve (mean over seeds, band: ±1 std)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.6 / (3.6 * rows + 0.6), 1, 0.96))
     fig.savefig(path)
     plt.close(fig)
     return True

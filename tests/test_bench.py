@@ -13,7 +13,7 @@ from schemas import read_table
 from stages.masks import answer_segments, widen
 
 RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold",
-          "memory_logprobs_vs_model"}
+          "memory_logprobs_vs_model", "memory_lora_vs_full"}
 
 
 def test_synthetic_corpus_passes_the_documents_schema(tmp_path):

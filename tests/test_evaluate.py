@@ -189,9 +189,10 @@ def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepar
     assert set(stats["summary"]) == set(models)
 
     values = {(r["model"], r["metric"]): r["value"] for r in read_table(out / "metrics.parquet").to_pylist()}
-    assert set(values) == {(m, n) for m in models for n in TOFU_METRICS}
+    without_holdout = set(TOFU_METRICS) - {"tofu_privleak"}  # the embedded set has no holdout questions
+    assert set(values) == {(m, n) for m in models for n in without_holdout}
     for (model, name), value in values.items():
-        assert 0.0 <= value <= 1.0, (model, name)
+        assert 0.0 <= value <= (math.inf if name.endswith("_nll") else 1.0), (model, name)
         assert value == values[("target", name)] or model in ("target", "retain")  # same weights, same numbers
     assert values[("retain", "forget_quality")] == pytest.approx(1.0)  # KS of a sample against itself
     assert stats["summary"]["target"]["model_utility"] == values[("target", "model_utility")]
@@ -307,7 +308,8 @@ def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
     assert reference["privleak_auc"] == 0.6
 
     forget = {"truth_ratio": np.array(ratios), "prob": np.ones(3), "rouge": np.ones(3),
-              "fact_recall": np.ones(3), "exact_memorization": np.ones(3), "extraction_strength": np.ones(3)}
+              "fact_recall": np.ones(3), "exact_memorization": np.ones(3), "extraction_strength": np.ones(3),
+              "fact_nll": np.ones(3), "template_nll": np.ones(3)}
     privleak = {"privleak_forget": {"min_k": np.array([1.0, 2.0])}, "privleak_holdout": {"min_k": np.array([1.5, 3.0])}}
     per_model = {("target", 0): {"forget": forget, **privleak}}
     sets = dict.fromkeys(["forget", "privleak_forget", "privleak_holdout"])
@@ -316,3 +318,16 @@ def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
     # AUC 3/4 against the log's 0.6: ((0.25) - (0.4)) / 0.4 * 100
     assert values["privleak"] == pytest.approx(-37.5)
     assert math.isnan(summarise(per_model, sets)[("target", 0)]["forget_quality"])  # neither retain model nor log
+
+
+def test_gold_nll_splits_answer_tokens_into_facts_and_template():
+    from stages.evaluate.tofu import QAPasses, gold_nll
+
+    rows = [{"answer_start": 2, "gold": [False, True, True, False, True, False]},  # answer: 4 tokens, EOS last
+            {"answer_start": 1, "gold": None}]
+    logprobs = [np.log(np.array([0.5, 0.25, 0.8, 0.9])), np.log(np.array([0.5, 0.5]))]
+    passes = QAPasses(rows, np.zeros(2), np.zeros(2), np.zeros((2, 0)), [], logprobs, ["", ""])
+    facts, template = gold_nll(passes, gold=True), gold_nll(passes, gold=False)
+    assert facts[0] == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)  # answer positions 0 and 2 are gold
+    assert template[0] == pytest.approx(-np.log(0.25))  # position 1; EOS (position 3) counts for neither
+    assert np.isnan(facts[1]) and np.isnan(template[1])  # no gold marked

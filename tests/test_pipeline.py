@@ -49,7 +49,8 @@ def test_second_run_recomputes_nothing(micro_root):
 
 def test_gamma_change_recomputes_only_masks_unlearn_evaluate(micro_root):
     root, _ = micro_root
-    changed = pipeline_flow(preset="micro", overrides=["masks.gamma=0.2"], artifacts=str(root))
+    # a γ no other test of this module runs, so the outcome does not depend on test order
+    changed = pipeline_flow(preset="micro", overrides=["masks.gamma=0.15"], artifacts=str(root))
     assert _ran(changed) == ["masks", "unlearn", "evaluate"]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -104,6 +103,8 @@ def eval_sets(documents: list[dict[str, Any]], cfg: Config) -> dict[str, EvalSet
                                             batch_size=batch))
             else:
                 log.warning("no %s items: its metrics and model_utility will be NaN", qa.split)
+        if rows := by_split.get(tofu.HOLDOUT):
+            add(tofu.HOLDOUT, rows, partial(tofu.run_holdout, rows=rows, batch_size=batch))
     if rows := by_split.get("verbmem"):
         add("verbmem", rows, partial(muse.run_verbmem, rows=rows, max_new_tokens=new_tokens, batch_size=batch))
     for name, icl_split in muse.KNOWMEM_SETS.items():
@@ -139,10 +140,13 @@ def item_table(ref: ModelRef, eval_set: EvalSet, passes: Any) -> pa.Table:
 
 def item_values(table: pa.Table) -> Items:
     """Per eval set and value name, the numeric per-item values of a long item table (one model), nulls as NaN."""
-    frame = pl.from_arrow(table).filter(pl.col("text").is_null())
+    numeric = table.filter(pc.is_null(table["text"]))
+    keys = np.asarray(pc.binary_join_element_wise(numeric["split"], numeric["item"], "/").to_pylist())
+    values = numeric["value"].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
     out: Items = {}
-    for (split, item), group in frame.group_by(["split", "item"], maintain_order=True):
-        out.setdefault(split, {})[item] = group["value"].fill_null(math.nan).to_numpy().astype(np.float64)
+    for key in dict.fromkeys(keys.tolist()):
+        split, item = key.rsplit("/", 1)
+        out.setdefault(split, {})[item] = values[keys == key]
     return out
 
 
@@ -176,7 +180,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    documents = load_documents(inputs["prepare"]).drop_columns(["gold"]).to_pylist()
+    documents = load_documents(inputs["prepare"]).to_pylist()
     tokenizer = load_tokenizer(inputs["prepare"])
     sets = eval_sets(documents, cfg)
     models = models_to_evaluate(cfg, inputs)
@@ -233,7 +237,7 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path, eval_cache: Path |
         "evaluated": len(models),
         "cache_hits": hits,
         "seconds": round(time.perf_counter() - start, 2),
-        "summary": {name: {m: v[m] for m in ("forget_quality", "model_utility", "privleak") if m in v}
+        "summary": {name: {m: v[m] for m in ("forget_quality", "model_utility", "privleak", "tofu_privleak") if m in v}
                     for name, v in final.items()},
     }
 

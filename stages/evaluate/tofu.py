@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stages import metrics as M
-from stages.evaluate.specs import HIGHER, LOWER, Derived, ItemValue, Metric, mean, nanmean
+from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 
@@ -43,7 +43,15 @@ class QAPasses:
     nll_correct: np.ndarray  # (n,) NaN where an item has no correct answer
     nll_perturbed: np.ndarray  # (n, k) NaN-padded
     argmax_correct: list[np.ndarray]  # per item, per answer token
+    token_logprobs: list[np.ndarray]  # per item, per answer token (EOS last)
     generations: list[str]
+
+
+@dataclass
+class HoldoutPasses:
+    """One model's teacher-forced answer-token log-probs on the holdout set (questions no model trained on)."""
+
+    token_logprobs: list[np.ndarray]
 
 
 def run_qa(model, tokenizer, rows: list[dict[str, Any]], qa: QASet, max_new_tokens: int, batch_size: int) -> QAPasses:
@@ -73,7 +81,19 @@ def run_qa(model, tokenizer, rows: list[dict[str, Any]], qa: QASet, max_new_toke
         nll_perturbed[i, j] = nll[at]
     prompts = [prompt_ids(tokenizer, r["question"]) for r in rows]
     generations = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return QAPasses(rows, nll_answer, nll_correct, nll_perturbed, scores.argmax_correct[:n], generations)
+    return QAPasses(rows, nll_answer, nll_correct, nll_perturbed, scores.argmax_correct[:n],
+                    scores.token_logprobs[:n], generations)
+
+
+def run_holdout(model, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> HoldoutPasses:
+    """Answer-token log-probs of every holdout item, scored as the forget answers are."""
+    scores = score_answers(model, tokenizer, [(r["question"], r["answer"]) for r in rows], batch_size)
+    return HoldoutPasses(scores.token_logprobs)
+
+
+def before_eos(per_token: list[np.ndarray]) -> list[np.ndarray]:
+    """Each item's answer positions without the last one (EOS), which open-unlearning's memorisation metrics skip."""
+    return [t[:-1] for t in per_token]
 
 
 def fact_words(row: dict[str, Any]) -> list[str]:
@@ -94,14 +114,33 @@ def evaluation_rows(documents: list[dict[str, Any]], split: str, retain_eval_ite
     return rows
 
 
+def gold_nll(p: QAPasses, gold: bool) -> np.ndarray:
+    """Per item: mean NLL of the answer's gold tokens (author names and facts), or of its other tokens (the
+    template) with `gold` False; NaN where the data set marks no gold tokens."""
+    out = np.full(len(p.rows), np.nan)
+    for i, (row, logprobs) in enumerate(zip(p.rows, p.token_logprobs, strict=True)):
+        flags = row.get("gold")
+        if flags is None or len(flags) - row["answer_start"] != len(logprobs):
+            continue
+        pick = np.asarray(flags[row["answer_start"]:], dtype=bool) == gold
+        pick[-1] = False  # EOS is neither a fact nor a template word
+        if pick.any():
+            out[i] = -float(np.mean(logprobs[pick]))
+    return out
+
+
 PROB = ItemValue("prob", lambda p: M.probability(p.nll_answer))
 NORMALISED_PROB = ItemValue("prob", lambda p: M.normalised_probability(p.nll_answer, p.nll_perturbed))
 TRUTH_RATIO = ItemValue("truth_ratio", lambda p: M.truth_ratio(p.nll_correct, p.nll_perturbed))
 ROUGE = ItemValue("rouge", lambda p: M.rouge_l_recall(p.generations, [r["answer"] for r in p.rows]))
 GENERATION = ItemValue("generation", lambda p: p.generations, text=True)
 FACT_RECALL = ItemValue("fact_recall", lambda p: M.fact_recall(p.generations, [fact_words(r) for r in p.rows]))
-EXACT_MEMORIZATION = ItemValue("exact_memorization", lambda p: M.exact_memorization(p.argmax_correct))
-EXTRACTION_STRENGTH = ItemValue("extraction_strength", lambda p: M.extraction_strength(p.argmax_correct))
+EXACT_MEMORIZATION = ItemValue("exact_memorization", lambda p: M.exact_memorization(before_eos(p.argmax_correct)))
+EXTRACTION_STRENGTH = ItemValue("extraction_strength", lambda p: M.extraction_strength(before_eos(p.argmax_correct)))
+FACT_NLL = ItemValue("fact_nll", lambda p: gold_nll(p, gold=True))
+TEMPLATE_NLL = ItemValue("template_nll", lambda p: gold_nll(p, gold=False))
+MIN_K = ItemValue("min_k", lambda p: M.min_k_percent(before_eos(p.token_logprobs)))  # open-unlearning's mia_min_k
+HOLDOUT = "holdout"  # eval set of a TOFU folder's holdoutNN.json
 
 
 def _qa_metrics(qa: QASet, prob: ItemValue, truth_ratio_aggregate, better: str, what: str) -> list[Metric]:
@@ -127,6 +166,16 @@ def _model_utility(values, items, retain_items, reference) -> float:
     return M.model_utility([values.get(m, math.nan) for m in UTILITY_INPUTS])
 
 
+def _privleak(values, items, retain_items, reference) -> float:
+    """MUSE's PrivLeak on TOFU as open-unlearning's TOFU suite computes it: Min-K% AUC of forget against holdout
+    answers, relative to the retain model's AUC (or a retain log's mia_min_k)."""
+    def auc(of: dict) -> float:
+        return M.forget_holdout_auc(of["forget"]["min_k"], of[HOLDOUT]["min_k"])
+
+    have_retain = retain_items and HOLDOUT in retain_items
+    return M.privleak(auc(items), auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan))
+
+
 FORGET, RETAIN, RA, WF = QA_SETS
 METRICS: list[Metric | Derived] = [
     *_qa_metrics(FORGET, PROB, M.truth_ratio_closer_to_1, LOWER, "the forget set"),
@@ -144,5 +193,11 @@ METRICS: list[Metric | Derived] = [
            "share of forget answer tokens the teacher-forced argmax gets right"),
     Metric("extraction_strength", "forget", EXTRACTION_STRENGTH, nanmean, LOWER,
            "share of the forget answer's suffix the teacher-forced argmax gets right"),
+    Metric("forget_fact_nll", "forget", FACT_NLL, nanmean, HIGHER,
+           "mean NLL of the forget answers' gold tokens (names, facts), where the data set marks them"),
+    Metric("forget_template_nll", "forget", TEMPLATE_NLL, nanmean, LOWER,
+           "mean NLL of the forget answers' other tokens (the template SU means to keep)"),
+    Derived("tofu_privleak", ("forget", HOLDOUT), (MIN_K,), _privleak, ZERO,
+            "Min-K% AUC of forget against holdout answers, relative to the retain model's (0 is best)"),
 ]
 STORED = {qa.split: (GENERATION,) for qa in QA_SETS}  # kept per item for reading; no metric aggregates them
