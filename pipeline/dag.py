@@ -4,8 +4,8 @@ A stage's fingerprint covers exactly these: its config sections, its upstream fi
 in-repository module its entry point imports (stages.code_version); prepare's also covers its inputs (a content hash
 of every file it reads, the commit of every hub dataset: stages.inputs). Nothing else can change an output.
 
-A stage that reads only prepare's tokenizer (`reads_tokenizer_only`: the target stage with a pretrained model, which
-copies the model and its tokenizer) depends on prepare through what decides that tokenizer, the model config and
+A stage that reads only prepare's tokenizer (`reads_tokenizer_only`: the target stage with a pretrained model and no
+target.finetune, which copies the model and its tokenizer) depends on prepare through what decides that tokenizer, the model config and
 prepare's code, not through the documents: a new forget request does not copy a hub model again.
 """
 
@@ -46,7 +46,7 @@ STAGES: dict[str, StageSpec] = {
     for s in [
         StageSpec("prepare", "stages.prepare:prepare", ("data", "model"), ()),
         StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",),
-                  reads_tokenizer_only=lambda cfg: cfg.model.name is not None),
+                  reads_tokenizer_only=lambda cfg: cfg.model.name is not None and not cfg.target.finetune),
         StageSpec("assistants", "stages.assistants:train_assistants", ("assistants",), ("prepare",)),
         StageSpec("scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants")),
         StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",)),

@@ -136,13 +136,15 @@ def test_with_a_pretrained_target_a_new_request_keeps_the_target_stage(tmp_path)
     model = tmp_path / "model"
     model.mkdir()
     forget = tmp_path / "ex" / "forget.txt"
-    for name in (str(model), None):
-        cfg = load_config("micro", config, [f"model.name={name}"] if name else [])
+    # a pretrained target is copied as is; fine-tuned (target.finetune) or trained here, it reads the documents
+    for overrides, keeps_target in (([f"model.name={model}"], True), ([f"model.name={model}", "target.finetune=true"],
+                                                                       False), ([], False)):
+        cfg = load_config("micro", config, overrides)
         before = fingerprints(cfg)
         forget.write_text(forget.read_text() + f"doc-{len(forget.read_text().split()) + 5:03d}\n")
         after = fingerprints(cfg)
         changed = [s for s in ORDER if before[s]["fingerprint"] != after[s]["fingerprint"]]
-        assert changed == ([s for s in ORDER if s != "target"] if name else ORDER)
+        assert changed == ([s for s in ORDER if s != "target"] if keeps_target else ORDER)
 
 
 def test_tofu_folder_edited_in_place_recomputes_prepare(tmp_path, tofu_folder):
