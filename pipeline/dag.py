@@ -5,8 +5,8 @@ in-repository module its entry point imports (stages.code_version); prepare's al
 of every file it reads, the commit of every hub dataset: stages.inputs). Nothing else can change an output.
 
 A stage that reads only prepare's tokenizer (`reads_tokenizer_only`: the target stage with a pretrained model and no
-target.finetune, which copies the model and its tokenizer) depends on prepare through what decides that tokenizer, the model config and
-prepare's code, not through the documents: a new forget request does not copy a hub model again.
+target.finetune, which copies the model and its tokenizer) depends on prepare through what decides that tokenizer,
+the model config and prepare's code, not through the documents: a new forget request does not copy a hub model again.
 """
 
 from __future__ import annotations
