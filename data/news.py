@@ -40,7 +40,7 @@ VERBMEM_SENTENCES = 2  # VerbMem prompt: the article's opening sentences; its gr
 N_ICL = 4
 
 
-def _person(rng: random.Random, name: str) -> dict[str, str]:
+def person(rng: random.Random, name: str) -> dict[str, str]:
     theme, theme2 = rng.sample(POOLS["theme"], 2)
     return {
         "name": name,
@@ -61,7 +61,7 @@ def _person(rng: random.Random, name: str) -> dict[str, str]:
     }
 
 
-def _article(person: dict[str, str]) -> list[str]:
+def article(person: dict[str, str]) -> list[str]:
     return [s.format(**person) for s in SENTENCES]
 
 
@@ -74,10 +74,10 @@ def news_files(seed: int, n_forget: int = 6, n_retain: int = 12, n_holdout: int 
     rng = random.Random(seed)
     n = n_forget + n_retain + n_holdout + 2  # two more people for the ICL examples
     firsts, lasts = rng.sample(FIRST_NAMES, n), rng.sample(LAST_NAMES, n)
-    people = [_person(rng, f"{f} {last}") for f, last in zip(firsts, lasts, strict=True)]
+    people = [person(rng, f"{f} {last}") for f, last in zip(firsts, lasts, strict=True)]
     forget, retain = people[:n_forget], people[n_forget : n_forget + n_retain]
     holdout, icl = people[n_forget + n_retain : -2], people[-2:]
-    text = {id(p): " ".join(_article(p)) for p in people}
+    text = {id(p): " ".join(article(p)) for p in people}
     half = len(retain) // 2
     return {
         "raw/forget.json": [text[id(p)] for p in forget],
@@ -85,7 +85,7 @@ def news_files(seed: int, n_forget: int = 6, n_retain: int = 12, n_holdout: int 
         "raw/retain2.json": [text[id(p)] for p in retain[half:]],
         "raw/holdout.json": [text[id(p)] for p in holdout],
         "verbmem/forget.json": [
-            {"prompt": " ".join(_article(p)[:VERBMEM_SENTENCES]), "gt": " ".join(_article(p)[VERBMEM_SENTENCES:])}
+            {"prompt": " ".join(article(p)[:VERBMEM_SENTENCES]), "gt": " ".join(article(p)[VERBMEM_SENTENCES:])}
             for p in forget
         ],
         "knowmem/forget_qa.json": _qa(forget),

@@ -59,6 +59,44 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_hashes_file() -> Path:
+    """Where content hashes of input files are kept between runs (machine-local: the keys are local paths)."""
+    return Path(os.environ.get("SUNLEARN_LOCAL_CACHE", "~/.cache/sunlearn")).expanduser() / "input_hashes.json"
+
+
+def content_hashes(files: Iterable[Path]) -> dict[str, str]:
+    """sha256 of each file by its resolved path, re-read only when its size or mtime changed since it was last hashed.
+
+    A 10 GB corpus costs one stat per run while it is unchanged; an edit in place changes its mtime, so it is read
+    again. Hashes are kept in input_hashes_file(), entries of files that no longer exist dropped on each write.
+    """
+    files = list(files)
+    if not files:
+        return {}
+    store = input_hashes_file()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(store.with_name(store.name + ".lock")):
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+        out, changed = {}, False
+        for file in files:
+            path = Path(file).expanduser().resolve()
+            if not path.is_file():  # the stage that reads it names it in its error
+                out[str(path)] = "missing"
+                continue
+            st = path.stat()
+            key = [st.st_size, st.st_mtime_ns]
+            cached = known.get(str(path))
+            if cached is None or cached[:2] != key:
+                known[str(path)], changed = [*key, file_sha256(path)], True
+            out[str(path)] = known[str(path)][2]
+        if changed:
+            write_json_atomic(store, {p: v for p, v in known.items() if Path(p).is_file()})
+    return out
+
+
 @dataclass(frozen=True)
 class Entry:
     stage: str

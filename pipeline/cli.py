@@ -145,8 +145,14 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         keep = ("name", "status", "seconds", "path")
         print(json.dumps({"stages": [{k: s[k] for k in keep} for s in summary["stages"]],
-                          "metrics": summary["metrics"]}))
+                          "metrics": summary["metrics"], **({"changes": summary["changes"]}
+                                                            if "changes" in summary else {})}))
         return
+    if "changes" in summary:
+        from pipeline.changes import changes_lines
+
+        print()
+        print("\n".join(f"  {line}" for line in changes_lines(summary["changes"])))
     print()
     for s in summary["stages"]:
         print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")

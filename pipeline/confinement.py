@@ -25,7 +25,8 @@ from stages.environment import REPO
 
 DEFAULT_ARTIFACTS = "artifacts"
 # config keys that name local files or folders; the first three may name a hub id (`org/name`) instead, which passes
-PATH_KEYS = ("data.path", "model.name", "model.retain_name", "evaluate.retain_logs", "unlearn.hostfile")
+PATH_KEYS = ("data.path", "model.name", "model.retain_name", "evaluate.retain_logs", "unlearn.hostfile",
+             "data.forget_ids", "data.holdout", "data.utility")
 HUB_KEYS = PATH_KEYS[:3]
 
 

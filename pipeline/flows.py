@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
+from pipeline.changes import changes_markdown, record_and_compare  # noqa: E402
 from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
 from pipeline.dag import ORDER, STAGES, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports, rounded  # noqa: E402
@@ -76,9 +77,15 @@ def pipeline_flow(
     force: str | None = None,
     config_file: str | None = None,
 ) -> dict[str, Any]:
-    """prepare → target → assistants → scores → masks → unlearn → evaluate, each stage cached by fingerprint."""
-    cfg = load_confined(preset, config_file, overrides or [], artifacts)
-    return run_stages(cfg, ORDER, artifacts, set(downstream(force)) if force else set())
+    """prepare → target → assistants → scores → masks → unlearn → evaluate, each stage cached by fingerprint; the
+    summary's `changes` say what changed since the last run of this config (also the `run-changes` artifact). An
+    empty `config_file` (the schedule's, when SUNLEARN_SCHEDULE_CONFIG was unset at deploy time) means none."""
+    cfg = load_confined(preset, config_file or None, overrides or [], artifacts)
+    summary = run_stages(cfg, ORDER, artifacts, set(downstream(force)) if force else set())
+    summary["changes"] = record_and_compare(cfg, artifacts, summary["stages"])
+    create_markdown_artifact(key="run-changes", markdown=changes_markdown(summary["changes"]),
+                             description="sunlearn: what changed since the last run of this config")
+    return summary
 
 
 @flow(name="sunlearn-stage", flow_run_name="stage-{stage}", log_prints=True)

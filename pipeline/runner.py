@@ -59,7 +59,7 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             log.info("%s: computing %s", name, entry.path)
             meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
                     "inputs": {k: str(v) for k, v in inputs.items()}}
-            function = spec.function()
+            function = spec.function(cfg)
             # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill;
             # unlearn keeps trained methods and evaluate per-item results in folders every artifact shares
             params = inspect.signature(function).parameters

@@ -290,7 +290,8 @@ def serve(
     ui_url = f"http://{host}:{port}"
     api_url = f"{ui_url}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": api_url, "SUNLEARN_REPO": str(REPO), "SUNLEARN_ARTIFACTS": artifacts}
+           "PREFECT_API_URL": api_url, "SUNLEARN_REPO": str(REPO), "SUNLEARN_ARTIFACTS": artifacts,
+           "SUNLEARN_SCHEDULE_CONFIG": os.environ.get("SUNLEARN_SCHEDULE_CONFIG", "")}
     env.pop("PREFECT_PROFILE", None)
     auth_file = home / AUTH_FILE if auth else None
     if auth_file is not None:

@@ -24,14 +24,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | tofu | muse
-    path: str | None = None  # folder of files, or a hub dataset id
+    source: str = "embedded"  # embedded | tofu | muse | files
+    path: str | None = None  # folder of files, or a hub dataset id (files: also one JSONL or Parquet file)
     split: str = "forget10"  # tofu: forget01 | forget05 | forget10
     seed: int = 0
     n_authors: int = 40  # embedded only
     qa_per_author: int = 10  # embedded only
     forget_fraction: float = 0.1  # embedded only
     limit: int | None = None  # cap on rows per split (tofu, muse)
+    revision: str | None = None  # hub datasets: branch, tag or commit to read (default: main), pinned per run
+    # files source (docs/forget-requests.md): the record fields, the forget requests and the optional eval sets
+    forget_ids: str | None = None  # file of ids to forget, one per line; every other record is retain
+    id_field: str = "id"
+    text_field: str = "text"  # a document; records without it are QA pairs
+    question_field: str = "question"
+    answer_field: str = "answer"
+    holdout: str | None = None  # JSONL/Parquet file or folder of documents never trained on (PrivLeak)
+    utility: str | None = None  # JSONL/Parquet file or folder of QA pairs the model should keep answering
 
 
 @dataclass
@@ -269,9 +278,18 @@ def validate(cfg: Config) -> None:
     """Checks that need more than one value's type; each failure is one readable line."""
     from stages.unlearn import METHODS  # registry lives with the loop
 
-    sources = ("embedded", "tofu", "muse")
+    sources = ("embedded", "tofu", "muse", "files")
     if cfg.data.source not in sources:
         raise ConfigError(f"unknown data source {cfg.data.source!r}{suggest(cfg.data.source, sources)}")
+    if cfg.data.source == "files":
+        if not cfg.data.path:
+            raise ConfigError("data.source=files needs data.path (a JSONL or Parquet file or folder, or a hub id)")
+        if not cfg.data.forget_ids:
+            raise ConfigError("data.source=files needs data.forget_ids (a file of ids to forget, one per line)")
+        for key in ("forget_ids", "holdout", "utility"):
+            value = getattr(cfg.data, key)
+            if value and not Path(value).expanduser().exists():
+                raise ConfigError(f"data.{key} {value} does not exist")
     gamma = cfg.masks.gamma
     if isinstance(gamma, str) and gamma != "auto":
         raise ConfigError(f"masks.gamma must be a number in [0, 1] or 'auto', got {gamma!r}")

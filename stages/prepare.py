@@ -118,12 +118,17 @@ def _read_hub(dataset_id: str, config_name: str) -> list[dict[str, Any]]:
     return _check_rows(rows, f"{dataset_id}/{config_name}")
 
 
-def _tofu_stems(split: str) -> dict[str, str]:
-    """Output split -> TOFU file stem (or hub config) for data.split."""
-    match = re.fullmatch(r"forget(\d\d)", split)
+def tofu_stems(data: DataConfig) -> dict[str, str]:
+    """Output split -> TOFU file stem (or hub config): forget10.json, retain90.json, ..."""
+    match = re.fullmatch(r"forget(\d\d)", data.split)
     if match is None or match.group(1) not in ("01", "05", "10"):
-        raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {split!r}")
-    return {"forget": split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+        raise ConfigError(f"data.split must be forget01, forget05 or forget10 for TOFU, got {data.split!r}")
+    return {"forget": data.split, "retain": f"retain{100 - int(match.group(1))}", **_TOFU_FILES}
+
+
+def tofu_holdout_file(data: DataConfig) -> str:
+    """holdout01.json, holdout05.json or holdout10.json: read when a TOFU folder has it."""
+    return f"holdout{data.split.removeprefix('forget')}.json"
 
 
 def _local_folder(path: str) -> Path | None:
@@ -142,7 +147,7 @@ def check_inputs(cfg: Config) -> None:
     """Every local file a run reads, checked before anything starts; hub ids are checked when they are loaded."""
     data = cfg.data
     if data.source == "tofu":
-        stems = _tofu_stems(data.split)
+        stems = tofu_stems(data)
         folder = _local_folder(data.path or TOFU_HUB_ID)
         missing = [] if folder is None else [folder / f"{s}.json" for s in stems.values()]
         missing = [p for p in missing if not p.is_file()]
@@ -164,11 +169,11 @@ def check_inputs(cfg: Config) -> None:
 
 def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
     """TOFU from a folder of JSON files or from the hub; also returns where each split came from."""
-    stems = _tofu_stems(data.split)
+    stems = tofu_stems(data)
     path = data.path or TOFU_HUB_ID
     folder = _local_folder(path)
     if folder is not None:
-        holdout = folder / f"holdout{data.split[-2:]}.json"  # the hub's holdout01/05/10: TOFU's PrivLeak texts
+        holdout = folder / tofu_holdout_file(data)  # the hub's holdout01/05/10: TOFU's PrivLeak texts
         if holdout.is_file():
             stems["holdout"] = holdout.stem
         sources = {split: str(folder / f"{stem}.json") for split, stem in stems.items()}
@@ -312,6 +317,14 @@ def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
         if not splits["forget"]:
             raise ConfigError(f"{forget_source}: the forget set is empty")
         return splits
+    elif data.source == "files":
+        from stages.corpus import files_splits
+        from stages.inputs import hub_datasets
+
+        splits = files_splits(data, *(revision for _, revision in hub_datasets(data)))
+        if not splits["forget"]:
+            raise ConfigError(f"data.forget_ids {data.forget_ids}: the forget list is empty")
+        return splits
     else:
         raise ConfigError(f"unknown data source {data.source!r}")
     if not splits["forget"]:
@@ -408,6 +421,11 @@ def _row(split: str, doc_id: str, r: dict[str, Any], input_ids: list[int], answe
             "input_ids": input_ids, "answer_start": answer_start, "gold": gold}
 
 
+def _doc_id(split: str, i: int, r: dict[str, Any], width: int) -> str:
+    """split/<the record's own id> (files source), else split/<zero-padded index>."""
+    return f"{split}/{r['id']}" if r.get("id") is not None else f"{split}/{i:0{width}d}"
+
+
 def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
     prompts = encode_prompts(tokenizer, [r["question"] for _, r in picked])
     need_offsets = any(r["gold_spans"] for _, r in picked)
@@ -426,7 +444,7 @@ def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) 
             offsets = answers["offset_mapping"][k]
             mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(offsets, r["gold_spans"], lead)
             gold = mask.tolist()
-        rows.append(_row(split, f"{split}/{i:0{width}d}", r, input_ids, len(prompt), gold))
+        rows.append(_row(split, _doc_id(split, i, r, width), r, input_ids, len(prompt), gold))
     return rows
 
 
@@ -440,7 +458,7 @@ def _encode_text(tokenizer, bos: list[int], split: str, picked: list, width: int
         for c, lo in enumerate(starts):
             hi = min(lo + MUSE_CHUNK_TOKENS, len(ids))
             chunk = {**r, "answer": r["answer"][offsets[lo][0] : offsets[hi - 1][1]]}
-            doc_id = f"{split}/{i:0{width}d}-{c:03d}" if split in SPLITS_TRAIN else f"{split}/{i:0{width}d}"
+            doc_id = _doc_id(split, i, r, width) + (f"-{c:03d}" if split in SPLITS_TRAIN else "")
             rows.append(_row(split, doc_id, chunk, bos + ids[lo:hi], 0, None))
     return rows
 
@@ -449,7 +467,7 @@ def _encode_continuation(tokenizer, bos: list[int], split: str, picked: list, wi
     prompts = tokenizer([r["question"] for _, r in picked], add_special_tokens=False)["input_ids"]
     answers = tokenizer([" " + r["answer"] for _, r in picked], add_special_tokens=False)["input_ids"]
     return [
-        _row(split, f"{split}/{i:0{width}d}", r, bos + prompts[k] + answers[k], len(bos) + len(prompts[k]), None)
+        _row(split, _doc_id(split, i, r, width), r, bos + prompts[k] + answers[k], len(bos) + len(prompts[k]), None)
         for k, (i, r) in enumerate(picked)
     ]
 
@@ -482,4 +500,6 @@ def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         gold_coverage=(sum(map(sum, forget_gold)) / forget_answer_tokens) if forget_gold else None,
     )
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if cfg.data.source == "files":  # the requests this artifact honours; the run summary compares them
+        stats["forget_ids"] = [r["id"] for r in splits["forget"]]
     return stats

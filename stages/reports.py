@@ -32,7 +32,8 @@ PARETO_AXES = (("model_utility", "forget_quality", True, True), ("knowmem_r", "v
 RESULT_COLUMNS = (
     "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_fact_recall", "retain_fact_recall",
     "forget_truth_ratio", "exact_memorization", "extraction_strength", "verbmem_f", "knowmem_f", "knowmem_r",
-    "privleak", "tofu_privleak",
+    "privleak", "tofu_privleak", "forget_nll", "retain_nll", "doc_verbmem_f", "doc_privleak", "forget_qa_rouge",
+    "retain_qa_rouge", "utility_rouge",
 )  # fmt: skip
 SELECTION_DOCS = 60  # forget documents shown in selection.html
 

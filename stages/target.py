@@ -180,9 +180,7 @@ def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
     tokenizer = load_tokenizer(prepare_dir)
     stats: dict[str, Any] = {}
     if cfg.model.name is not None and cfg.target.finetune:
-        from stages.finetune import finetune
-
-        return finetune(cfg, inputs, out)
+        raise ConfigError("target.finetune runs stages.finetune:finetune (the stage table picks it), not train_target")
     if cfg.model.name is None:
         device = pick_device()
         rows: list[dict[str, Any]] = []

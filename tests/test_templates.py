@@ -75,13 +75,13 @@ def test_chat_needs_a_named_model_with_a_template(tmp_path, prepared_micro):
 
 @pytest.fixture(scope="module")
 def finetuned(chat_base, chat_prepared, tmp_path_factory) -> tuple[Path, dict]:
-    from stages.target import train_target
+    from stages.finetune import finetune
 
     # TOFU's recipe (5 epochs at 1e-5) moves a random tiny base too little; this learns the micro set in seconds
     cfg = _chat_cfg(chat_base, "target.finetune=true", "target.finetune_epochs=30", "target.finetune_lr=3e-3",
                     "target.finetune_batch_size=16")
     out = tmp_path_factory.mktemp("finetuned")
-    return out, train_target(cfg, {"prepare": chat_prepared}, out)
+    return out, finetune(cfg, {"prepare": chat_prepared}, out)
 
 
 def test_finetune_defaults_are_tofus():

@@ -28,6 +28,7 @@ import torch
 from schemas import ITEM_SCORES, METRICS, read_table, write_table
 from stages.common import load_documents, load_model, load_tokenizer
 from stages.config import Config
+from stages.evaluate import documents as user_documents
 from stages.evaluate import muse, tofu
 from stages.evaluate.cache import cache_path, context_key, weights_checksum
 from stages.evaluate.retain_logs import read_retain_logs
@@ -36,11 +37,12 @@ from stages.progress import Progress
 
 log = logging.getLogger("sunlearn")
 
-SUITES = (tofu, muse)
+SUITES = (tofu, muse, user_documents)
 ALL_METRICS: list[Metric | Derived] = [m for suite in SUITES for m in suite.METRICS]
 METRIC_NAMES = [m.name for m in ALL_METRICS]
 TOFU_METRICS = [m.name for m in tofu.METRICS]
 MUSE_METRICS = [m.name for m in muse.METRICS]
+DOCUMENT_METRICS = [m.name for m in user_documents.METRICS]
 REFERENCE_MODELS = ("target", "retain")
 
 Items = dict[str, dict[str, np.ndarray]]  # eval set -> value name -> per-item values
@@ -91,7 +93,9 @@ def eval_sets(documents: list[dict[str, Any]], cfg: Config) -> dict[str, EvalSet
     def add(name: str, rows: list[dict[str, Any]], run: Callable, extra: list | None = None) -> None:
         sets[name] = EvalSet(name, rows, rows + (extra or []), run, _items_for(name))
 
-    if any(r["question"] is not None for r in by_split.get("forget", [])):  # MUSE's forget rows are plain text
+    # MUSE's forget rows are plain text; the files source's QA pairs have no TOFU evaluation splits
+    if any(r["question"] is not None for r in by_split.get("forget", [])) and not user_documents.is_documents_data(
+            set(by_split)):
         for qa in tofu.QA_SETS:
             rows = tofu.evaluation_rows(documents, qa.split, cfg.evaluate.retain_eval_items)
             if rows:
@@ -111,6 +115,10 @@ def eval_sets(documents: list[dict[str, Any]], cfg: Config) -> dict[str, EvalSet
     for name in muse.PRIVLEAK_SETS:
         if rows := by_split.get(name):
             add(name, rows, partial(muse.run_privleak, rows=rows, batch_size=batch))
+    if user_documents.is_documents_data(set(by_split)):
+        for name, (rows, run) in user_documents.eval_sets(by_split, cfg.evaluate.retain_eval_items, new_tokens,
+                                                     batch).items():
+            add(name, rows, run)
     return sets
 
 
