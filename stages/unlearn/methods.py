@@ -13,6 +13,11 @@ its top-k (k = 32) log-probs per retain answer token, and KL(p_ref ‖ p_θ) is 
 tokens plus one bucket holding the rest of the mass of each distribution. Lumping can only lose information, so this
 is a lower bound of the full KL that is tight when the reference puts nearly all its mass on its top k. Like the
 NLL terms, it is averaged over retain answer tokens (open-unlearning averages over every position, padding included).
+
+Selective methods (su, su_npo) take `keep = λ`: λ · NLL on the forget answer tokens left unselected, so the template
+around the facts is trained to stay. `su` also takes `normalize`: `selected` averages the ascent over the selected
+tokens, `answer` sums it over them and divides by every forget answer token of the batch, so each selected token gets
+the push GradDiff gives it. su_npo has no `normalize`: NPO's logπ(y|x) is a sum over tokens, with no mean to rescale.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ def nll(logp: Tensor, mask: Tensor) -> Tensor:
 def sequence_logprob(logp: Tensor, mask: Tensor) -> Tensor:
     """(B,) logπ(y|x): the sum of masked token log-probs of each sequence."""
     return (logp * mask).sum(-1)
+
+
+def weighted_logprob(logp: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
+    """Mean over the masked tokens of the batch of weight · log p; `weight` (B, T) is detached, as a constant."""
+    return (weight.detach() * logp * mask).sum() / mask.sum().clamp(min=1)
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float) -> Tensor:
@@ -94,6 +104,7 @@ class Outputs:
     forget_mask: Tensor  # answer tokens; only the selected ones for selective methods
     retain_logp: Tensor
     retain_mask: Tensor
+    forget_answer_mask: Tensor | None = None  # every forget answer token, selected or not
     ref_forget_logp: Tensor | None = None  # reference token log-probs at the same positions
     idk_logp: Tensor | None = None  # the forget prompts answered with a refusal
     idk_mask: Tensor | None = None
@@ -134,11 +145,45 @@ def idkdpo(o: Outputs, alpha: float, beta: float) -> Tensor:
     return forget + alpha * nll(o.retain_logp, o.retain_mask)
 
 
+def ascent_nll(o: Outputs, normalize: str) -> Tensor:
+    """NLL of the selected forget tokens, averaged over them (`selected`) or over every answer token (`answer`)."""
+    if normalize == "answer":
+        return -(o.forget_logp * o.forget_mask).sum() / o.forget_answer_mask.sum().clamp(min=1)
+    return nll(o.forget_logp, o.forget_mask)
+
+
+def kept_nll(o: Outputs) -> Tensor:
+    """NLL of the forget answer tokens the selection left out (what `keep` trains to stay)."""
+    return nll(o.forget_logp, o.forget_answer_mask & ~o.forget_mask)
+
+
+def su(o: Outputs, alpha: float, normalize: str, keep: float) -> Tensor:
+    return -ascent_nll(o, normalize) + alpha * nll(o.retain_logp, o.retain_mask) + keep * kept_nll(o)
+
+
+def su_npo(o: Outputs, alpha: float, beta: float, keep: float) -> Tensor:
+    return npo_gd(o, alpha, beta) + keep * kept_nll(o)
+
+
+def wga(o: Outputs, alpha: float, beta: float, gamma: float) -> Tensor:
+    """Weighted gradient ascent (arXiv 2502.19301): each forget token's ascent weighted by p^β, p its probability."""
+    weight = o.forget_logp.exp() ** beta
+    return gamma * weighted_logprob(o.forget_logp, o.forget_mask, weight) + alpha * nll(o.retain_logp, o.retain_mask)
+
+
+def satimp(o: Outputs, alpha: float, beta1: float, beta2: float, gamma: float) -> Tensor:
+    """SatImp (arXiv 2505.11953): weight p^β1 · (1 − p)^β2, which favours tokens neither forgotten nor near-certain."""
+    p = o.forget_logp.exp()
+    weight = p**beta1 * (1 - p) ** beta2
+    return gamma * weighted_logprob(o.forget_logp, o.forget_mask, weight) + alpha * nll(o.retain_logp, o.retain_mask)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     loss: Callable[..., Tensor]  # loss(outputs, alpha, **params) -> scalar
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float | str] = field(default_factory=dict)
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the values a str-valued parameter may take
     reference: tuple[str, ...] = ()  # reference values it reads: forget | idk | retain (top-k on retain tokens)
     selective: bool = False  # forget_mask keeps only the tokens selected in masks.parquet
 
@@ -150,7 +195,7 @@ class MethodSpec:
     def needs_idk(self) -> bool:  # reads idk_logp / idk_mask: the forget prompts answered with a refusal
         return "idk" in self.reference
 
-    def with_params(self, overrides: dict[str, float]) -> MethodSpec:
+    def with_params(self, overrides: dict[str, float | str]) -> MethodSpec:
         """The same method with some of its parameters replaced (unlearn.params.<name>)."""
         return replace(self, params={**self.params, **overrides})
 
@@ -169,7 +214,11 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("simnpo", simnpo, {"beta": 4.5, "delta": 0.0, "gamma": 0.125}),
         MethodSpec("idkdpo", idkdpo, {"beta": 0.1}, reference=("forget", "idk")),
         # the seed paper's method: GradDiff on the selected tokens only
-        MethodSpec("su", graddiff, selective=True),
-        MethodSpec("su_npo", npo_gd, {"beta": 0.1}, reference=("forget",), selective=True),
+        MethodSpec("su", su, {"normalize": "selected", "keep": 0.0}, {"normalize": ("selected", "answer")},
+                   selective=True),
+        MethodSpec("su_npo", su_npo, {"beta": 0.1, "keep": 0.0}, reference=("forget",), selective=True),
+        # open-unlearning's defaults (configs/trainer/WGA.yaml, SatImp.yaml); their alpha is unlearn.alpha
+        MethodSpec("wga", wga, {"beta": 1.0, "gamma": 1.0}),
+        MethodSpec("satimp", satimp, {"beta1": 5.0, "beta2": 1.0, "gamma": 0.1}),
     ]
 }
