@@ -223,3 +223,13 @@ def test_su_with_nothing_selected_is_the_retain_loss_alone():
     out.forget_mask = torch.zeros_like(out.forget_mask)
     nll_r = hand_nll(RETAIN_LOGITS, RETAIN_IDS, RETAIN_ANSWER)
     assert METHODS["su"](out, ALPHA).item() == pytest.approx(ALPHA * nll_r, rel=1e-5)
+
+
+def test_methods_command_lists_every_method_with_its_parameters(capsys):
+    from pipeline.cli import main
+
+    main(["methods"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name, spec in METHODS.items():
+        assert all(f"{k}={v}" in lines[name] for k, v in spec.params.items()), lines[name]
+    assert "beta1=5.0, beta2=1.0, gamma=0.1" in lines["satimp"] and "beta=1.0, gamma=1.0" in lines["wga"]
