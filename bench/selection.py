@@ -9,7 +9,9 @@ to 0.001, and `auto` on a linear and a log axis), and prints precision, recall a
   (stages.evaluate.fact_words: the paraphrased answer's words its perturbations change), over the forget items that
   have fact words.
 
-`all answer tokens` is what GradDiff trains: its precision is the share of fact tokens, its recall 1.
+`all answer tokens` is what GradDiff trains: its precision is the share of fact tokens, its recall 1. Without a GPU,
+pass `--kinds kenlm` when TOFU is measured: its LLM assistants train on 4,000 items (2,500 steps each, ~2.2 s a step
+on 2 CPU cores).
 
     python -m bench.selection [--preset embedded] [--tofu ../shared/data/tofu] [--kinds kenlm,llm] [--set k=v ...]
 """
