@@ -15,7 +15,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from bench.report import Result, machine, main_table, write_results  # noqa: E402
 from stages.config import TargetConfig  # noqa: E402
 
-BENCHES = ("scoring", "masks", "step", "memory", "cache", "scaling", "footprint", "profile")
+BENCHES = ("scoring", "masks", "step", "eval", "memory", "cache", "sweep_parallel", "scaling", "footprint",
+           "profile")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -29,16 +30,21 @@ class Sizes:
     step_model: TargetConfig
     memory_model: TargetConfig  # big enough that its weights, not the runtime, dominate the peak
     cache_overrides: tuple[str, ...]
+    eval_preset: str  # snapshot_eval's data and target
+    eval_overrides: tuple[str, ...]
+    big_step_model: TargetConfig | None  # unlearn_vs_bare at a second, larger size
 
 
 FULL = Sizes((1_000_000, 10_000_000), (100_000, 1_000_000, 10_000_000), 50_000, 1_000_000, 40, TargetConfig(),
-             TargetConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048), ())
+             TargetConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048), (),
+             "tofu", ("target.epochs=5",),  # a tiny target on TOFU forget10
+             TargetConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048))
 # a smoke run: every benchmark at toy size; its figures say nothing about speed
 QUICK = Sizes((10_000, 30_000), (10_000, 30_000), 2_000, 10_000, 3,
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               ("data.n_authors=4", "target.epochs=1", "unlearn.methods=su,graddiff", "evaluate.max_new_tokens=2",
-               "evaluate.retain_eval_items=4"))
+               "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None)
 
 
 def run_bench(name: str, sizes: Sizes, runs) -> Result:
@@ -53,7 +59,11 @@ def run_bench(name: str, sizes: Sizes, runs) -> Result:
     if name == "step":
         from bench import step_cost
 
-        return step_cost.run(sizes.steps, sizes.step_model)
+        return step_cost.run(sizes.steps, sizes.step_model, sizes.big_step_model)
+    if name == "eval":
+        from bench import bench_eval
+
+        return bench_eval.run(sizes.eval_preset, list(sizes.eval_overrides))
     if name == "memory":
         from bench import memory
 
@@ -62,6 +72,10 @@ def run_bench(name: str, sizes: Sizes, runs) -> Result:
         from bench import cache
 
         return cache.run("micro", list(sizes.cache_overrides))
+    if name == "sweep_parallel":
+        from bench import sweep_parallel
+
+        return sweep_parallel.run("micro", list(sizes.cache_overrides))
     if name == "scaling":
         from bench import scaling
 

@@ -1,8 +1,13 @@
-"""Batched evaluation against one item at a time, in one run: `python bench/bench_eval.py [--items N]`.
+"""Evaluation cost, in one run: `python bench/bench_eval.py [--items N]`, and `python -m bench eval` (snapshot_eval).
 
-Evaluates the embedded forget split (teacher-forced scoring of answer, paraphrase and perturbed answers, then greedy
-generation) with a tiny Llama of the default target size, first with evaluate.batch_size items per batch, then with
-one item per batch, and prints both times and their ratio. Both runs produce the same numbers (the tests check it).
+`main`: the embedded forget split evaluated with evaluate.batch_size items per batch, then one item per batch (both
+produce the same numbers; the tests check it).
+
+`run` (`snapshot_eval`): one model's whole evaluation (every eval set of its data: teacher-forced scores and greedy
+generation) as the evaluate stage runs it now, against the same evaluation with generation through Hugging Face's
+`generate()` (`generate_with_hf`, the stage's generation before rows left their batch at EOS). Same model, same
+items, same metrics (checked equal here and in tests/test_generation.py); the ratio is what one snapshot of a curve
+costs against one model's evaluation before.
 """
 
 from __future__ import annotations
@@ -12,12 +17,99 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.config import load_config  # noqa: E402
+
+
+def generate_with_hf(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int,
+                     stop_strings: Sequence[str] = ()) -> list[str]:
+    """Greedy generation through `model.generate()`: a batch runs until its last row ends."""
+    import torch
+    from transformers import GenerationConfig
+
+    from stages.scoring import _batches, cut_at
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                              bos_token_id=None, stop_strings=list(stop_strings) or None)
+    texts = [""] * len(prompts)
+    with torch.inference_mode():
+        for idx in _batches([len(p) for p in prompts], batch_size):
+            width = max(len(prompts[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention[row, width - len(prompts[i]) :] = 1
+            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                                 generation_config=config, tokenizer=tokenizer if stop_strings else None)
+            new = out[:, width:].cpu()
+            finished = new == eos
+            ends = torch.where(finished.any(1), finished.int().argmax(1), new.shape[1])
+            for row, i in enumerate(idx):
+                text = tokenizer.decode(new[row, : ends[row]].tolist(), skip_special_tokens=True)
+                texts[i] = cut_at(text, stop_strings)
+    return texts
+
+
+def evaluate_model(model, tokenizer, sets) -> dict:
+    """Every eval set's per-item values, as the evaluate stage computes them for one model."""
+    out = {}
+    for name, eval_set in sets.items():
+        passes = eval_set.run(model, tokenizer)
+        out[name] = {item.name: item.fn(passes) for item in eval_set.items}
+    return out
+
+
+def use_generation(generate) -> None:
+    """Point the suites' generation at `generate` (they import it by name)."""
+    from stages.evaluate import muse, tofu
+
+    tofu.generate_greedy = muse.generate_greedy = generate
+
+
+def run(preset: str, overrides: list[str]):
+    """snapshot_eval: seconds of one model's evaluation now over the same with generate(), a trained tiny target."""
+    import numpy as np
+
+    from bench.report import Result, Row
+    from stages.common import load_documents, load_model, load_tokenizer
+    from stages.evaluate.stage import eval_sets
+    from stages.prepare import prepare
+    from stages.target import train_target
+
+    cfg = load_config(preset, overrides=overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        root = Path(tmp)
+        prepare(cfg, {}, root / "prepare")
+        train_target(cfg, {"prepare": root / "prepare"}, root / "target")
+        tokenizer = load_tokenizer(root / "prepare")
+        model = load_model(root / "target" / "target").eval()
+        documents = load_documents(root / "prepare").to_pylist()
+    sets = eval_sets(documents, cfg)
+    seconds, results = {}, {}
+    for label in ("now", "generate()", "now ", "generate() "):  # twice each, interleaved: load hits both alike
+        use_generation(generate_with_hf if label.startswith("generate") else GENERATE_NOW)
+        start = time.perf_counter()
+        results[label.strip()] = evaluate_model(model, tokenizer, sets)
+        seconds[label.strip()] = min(seconds.get(label.strip(), np.inf), time.perf_counter() - start)
+    use_generation(GENERATE_NOW)
+    same = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
+               for name in sets for a, b in [(results["now"][name], results["generate()"][name])] for k in a)
+    ratio = seconds["now"] / seconds["generate()"]
+    n_items = sum(len(spec.rows) for spec in sets.values())
+    result = Result("eval")
+    result.rows = [Row("snapshot evaluation vs full evaluation", f"{preset}, {n_items} items in {len(sets)} sets, "
+                       f"{cfg.evaluate.max_new_tokens} new tokens (identical: {'yes' if same else 'NO'})",
+                       f"{seconds['now']:.1f} s", f"{seconds['generate()']:.1f} s", f"{ratio:.3f}", "≤ 0.25")]
+    result.ratios = {"snapshot_eval": ratio}
+    result.details = {"seconds": seconds, "identical": same, "items": n_items, "sets": list(sets), "preset": preset}
+    return result
 
 
 def main() -> None:
@@ -29,7 +121,7 @@ def main() -> None:
     import torch
 
     from stages.common import load_documents, load_tokenizer
-    from stages.evaluate import SPLITS, evaluate_split
+    from stages.evaluate.tofu import QA_SETS, run_qa
     from stages.prepare import prepare
     from stages.target import build_model
 
@@ -38,20 +130,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(cfg, {}, Path(tmp))
         tokenizer = load_tokenizer(Path(tmp))
-        rows = load_documents(Path(tmp), ("forget",)).drop_columns(["gold"]).to_pylist()[: args.items]
+        rows = load_documents(Path(tmp), ("forget",)).to_pylist()[: args.items]
     model = build_model(cfg.target, tokenizer).eval()
-    spec = SPLITS[0]
     timings = {}
     for label, batch_size in (("batched", cfg.evaluate.batch_size), ("one at a time", 1)):
-        cfg.evaluate.batch_size = batch_size
         start = time.perf_counter()
-        evaluate_split(model, tokenizer, rows, cfg, spec)
+        run_qa(model, tokenizer, rows, QA_SETS[0], args.new_tokens, batch_size)
         timings[label] = time.perf_counter() - start
     print(f"items={len(rows)} new_tokens={args.new_tokens} threads={torch.get_num_threads()}")
     for label, seconds in timings.items():
         print(f"  {label:<14} {seconds:8.2f} s")
     print(f"  ratio (one at a time / batched): {timings['one at a time'] / timings['batched']:.1f}x")
 
+
+from stages.scoring import generate_greedy as GENERATE_NOW  # noqa: E402
 
 if __name__ == "__main__":
     main()

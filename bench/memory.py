@@ -1,4 +1,5 @@
-"""Peak memory of unlearning with the reference log-probs artifact against keeping the frozen reference model.
+"""Peak memory of unlearning with the reference log-probs artifact against keeping the frozen reference model, and
+of LoRA adapters (unlearn.lora.r) against training every weight.
 
 Both sides run the unlearn loop itself (`unlearn_in_process`, npo_gd, one epoch of the micro preset's data) on the
 same target, once with `unlearn.reference=logprobs` (the default: the reference's values are computed once, then the
@@ -6,6 +7,8 @@ model is dropped) and once with `unlearn.reference=model` (the frozen copy sits 
 field's reference framework). Each side runs in a fresh spawned process, whose peak RSS (ru_maxrss) covers
 everything it did, loading and the reference pass included; on a GPU the CUDA peak is reported too. The target is an
 untrained Llama large enough that its weights, not the Python runtime, dominate: memory does not depend on training.
+The LoRA side is the logprobs side with rank-LORA_R adapters on every linear layer: no gradients or AdamW state for
+the full weights.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from bench.report import Result, Row
 from stages.config import Config, TargetConfig, load_config
 
 METHOD = "npo_gd"  # reads the reference's log-prob of every forget answer token
+LORA_R = 8
+SIDES = {"logprobs": ["unlearn.reference=logprobs"], "model": ["unlearn.reference=model"],
+         "lora": ["unlearn.reference=logprobs", f"unlearn.lora.r={LORA_R}"]}
 
 
 def build_inputs(root: Path, size: TargetConfig) -> dict[str, Path]:
@@ -44,7 +50,7 @@ def build_inputs(root: Path, size: TargetConfig) -> dict[str, Path]:
     return {k: dirs[k] for k in ("prepare", "target", "masks")}
 
 
-def _unlearn_once(inputs: dict[str, Path], out: Path, reference: str) -> dict[str, Any]:
+def _unlearn_once(inputs: dict[str, Path], out: Path, overrides: list[str]) -> dict[str, Any]:
     """In a fresh process: one unlearn run; its peak RSS over the whole process lifetime, and the loop's stats."""
     from stages.environment import configure_environment
 
@@ -52,8 +58,8 @@ def _unlearn_once(inputs: dict[str, Path], out: Path, reference: str) -> dict[st
     from stages.unlearn.distributed import init_distributed
     from stages.unlearn.loop import unlearn_in_process
 
-    cfg: Config = load_config("micro", overrides=[f"unlearn.methods={METHOD}", f"unlearn.reference={reference}",
-                                                  "unlearn.checkpoint_every=0"])
+    cfg: Config = load_config("micro", overrides=[f"unlearn.methods={METHOD}", "unlearn.checkpoint_every=0",
+                                                  *overrides])
     init_distributed()
     out.mkdir(parents=True)
     stats = unlearn_in_process(cfg, inputs, out)[METHOD]
@@ -67,17 +73,20 @@ def run(size: TargetConfig) -> Result:
         inputs = build_inputs(root, size)
         weights_mb = (inputs["target"] / "target" / "model.safetensors").stat().st_size / 2**20
         sides = {}
-        for reference in ("logprobs", "model"):
+        for side, overrides in SIDES.items():
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                sides[reference] = pool.apply(_unlearn_once, (inputs, root / f"out-{reference}", reference))
+                sides[side] = pool.apply(_unlearn_once, (inputs, root / f"out-{side}", overrides))
     ours, theirs = sides["logprobs"]["peak_rss_mb"], sides["model"]["peak_rss_mb"]
+    lora = sides["lora"]["peak_rss_mb"]
     result = Result("memory")
     shape = f"{size.num_layers}×{size.hidden_size} Llama, {weights_mb:.0f} MB of weights"
     result.rows = [
         Row("reference log-probs vs frozen reference model", f"{METHOD}, peak RSS of the whole run, {shape}",
             f"{ours:.0f} MB", f"{theirs:.0f} MB", f"{ours / theirs:.3f}×", "< 1×"),
+        Row(f"LoRA r={LORA_R} vs full unlearning", f"{METHOD}, peak RSS of the whole run, {shape}",
+            f"{lora:.0f} MB", f"{ours:.0f} MB", f"{lora / ours:.3f}×", "< 1×"),
     ]
-    result.ratios = {"memory_logprobs_vs_model": ours / theirs}
+    result.ratios = {"memory_logprobs_vs_model": ours / theirs, "memory_lora_vs_full": lora / ours}
     result.details = {**{f"{k}_{m}": v for k, side in sides.items() for m, v in side.items()},
                       "weights_mb": weights_mb, "saved_mb": theirs - ours}
     return result

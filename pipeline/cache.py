@@ -5,6 +5,11 @@ temporary sibling folder; the manifest (with a checksum of every file) is writte
 into place, so a folder without a manifest never counts as complete. A file lock per fingerprint makes concurrent
 runs compute each artifact once. A stage may keep resume state (checkpoints) in `<root>/<stage>/.scratch-<fp>/`:
 it survives a killed run and goes once the artifact is published.
+
+The root may be shared by many nodes (NFS): a temporary folder is named `.tmp-<fp>-<host>-<pid>-<random>` and holds
+a heartbeat file its build touches every `HEARTBEAT_SECONDS`. `clean_stale` removes a folder whose process is dead
+on this host, or whose heartbeat is older than `LEASE_SECONDS` (a build on another node that died); never a live
+build on another node, whose pid means nothing here.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +36,10 @@ from schemas import write_json_atomic
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 SCRATCH_PREFIX = ".scratch-"
-STALE_TMP_SECONDS = 6 * 3600
+HEARTBEAT = ".tmp-heartbeat"  # inside a temporary folder; the TMP_PREFIX keeps it out of the manifest
+HEARTBEAT_SECONDS = 30.0
+LEASE_SECONDS = 600.0  # a heartbeat this old means the build is dead, whatever its host
+HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
 
 
 class CacheError(RuntimeError):
@@ -94,9 +105,51 @@ class Entry:
         return problems
 
 
+def temp_dir(parent: Path, fp: str, host: str = HOST) -> Path:
+    """A fresh temporary folder name beside an entry: `.tmp-<fp>-<host>-<pid>-<random>`."""
+    return parent / f"{TMP_PREFIX}{fp}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def temp_owner(tmp: Path) -> tuple[str, int] | None:
+    """(host, pid) from a temporary folder's name; None for a name in no known layout."""
+    fp, sep, rest = tmp.name[len(TMP_PREFIX):].partition("-")
+    parts = rest.rsplit("-", 2)
+    if not sep or len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+@contextmanager
+def heartbeat(tmp: Path, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """Touch `tmp/HEARTBEAT` now and every `every` seconds until the block ends, so other nodes see a live build."""
+    beat = tmp / HEARTBEAT
+    beat.touch()
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(every):
+            try:
+                beat.touch()
+            except FileNotFoundError:  # the folder was published or removed
+                return
+
+    thread = threading.Thread(target=refresh, name=f"heartbeat-{tmp.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        beat.unlink(missing_ok=True)
+
+
 class ArtifactCache:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, host: str = HOST, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 lease_seconds: float = LEASE_SECONDS):
         self.root = Path(root).expanduser().resolve()
+        self.host = host  # whose pids this cache may check: another node's are never tested here
+        self.heartbeat_seconds = heartbeat_seconds
+        self.lease_seconds = lease_seconds
 
     def entry(self, stage: str, fp: str) -> Entry:
         return Entry(stage, fp, self.root / stage / fp)
@@ -104,6 +157,12 @@ class ArtifactCache:
     def scratch(self, entry: Entry) -> Path:
         """A folder for the entry's resume state that outlives a killed run (use it under `lock`)."""
         path = self._scratch_path(entry)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def shared(self, name: str) -> Path:
+        """A folder under the root that artifacts of several fingerprints share (content-keyed inside)."""
+        path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -124,25 +183,27 @@ class ArtifactCache:
     ) -> dict[str, Any]:
         """Run `produce(tmp_dir)` and publish its files atomically; returns the manifest."""
         self.clean_stale(entry.path.parent)
-        tmp = entry.path.parent / f"{TMP_PREFIX}{entry.fingerprint}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp = temp_dir(entry.path.parent, entry.fingerprint, self.host)
         tmp.mkdir(parents=True)
         try:
             start = time.time()
-            stats = produce(tmp) or {}
-            paths = [p for p in sorted(tmp.rglob("*")) if p.is_file() and not p.name.startswith(TMP_PREFIX)]
-            files = {str(p.relative_to(tmp)): file_sha256(p) for p in paths}
-            file_stats = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
-            manifest = {
-                **meta,
-                "stage": entry.stage,
-                "fingerprint": entry.fingerprint,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.time() - start, 3),
-                "stats": stats,
-                "files": files,
-                "file_stats": file_stats,
-            }
-            write_json_atomic(tmp / MANIFEST, manifest)
+            # the heartbeat runs until the manifest is written: hashing a large model takes a while too
+            with heartbeat(tmp, self.heartbeat_seconds):
+                stats = produce(tmp) or {}
+                paths = [p for p in sorted(tmp.rglob("*")) if p.is_file() and not p.name.startswith(TMP_PREFIX)]
+                files = {str(p.relative_to(tmp)): file_sha256(p) for p in paths}
+                file_stats = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+                manifest = {
+                    **meta,
+                    "stage": entry.stage,
+                    "fingerprint": entry.fingerprint,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.time() - start, 3),
+                    "stats": stats,
+                    "files": files,
+                    "file_stats": file_stats,
+                }
+                write_json_atomic(tmp / MANIFEST, manifest)
             if entry.path.exists():  # an incomplete leftover (no manifest): never trusted, replace it
                 shutil.rmtree(entry.path)
             os.rename(tmp, entry.path)
@@ -156,15 +217,22 @@ class ArtifactCache:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def clean_stale(self, stage_dir: Path) -> None:
-        """Remove temporary folders left by killed runs (dead pid, or older than a few hours)."""
+        """Remove temporary folders of dead builds: this host's whose pid is gone, anyone's past the lease."""
         if not stage_dir.is_dir():
             return
         for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
-            parts = tmp.name[len(TMP_PREFIX) :].split("-")
-            pid = int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
-            too_old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
-            if too_old or (pid is not None and not _pid_alive(pid)):
+            if tmp.is_dir() and self.is_stale(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def is_stale(self, tmp: Path) -> bool:
+        owner = temp_owner(tmp)
+        if owner is not None and owner[0] == self.host and not _pid_alive(owner[1]):
+            return True
+        try:  # the heartbeat, or for a folder without one (a fetch, an old layout) the folder itself
+            beat = (tmp / HEARTBEAT).stat().st_mtime if (tmp / HEARTBEAT).exists() else tmp.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return time.time() - beat > self.lease_seconds
 
     def entries(self, stages: Iterable[str]) -> Iterator[Entry]:
         """Every artifact folder (complete or not) of the given stages, skipping temporary folders."""

@@ -52,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="a config key and the values to try (repeatable; the grid is their product)")
     sweep.add_argument("--seeds-key", default="unlearn.seed", help="grid key averaged over in the summary")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="grid points at once: local worker processes, or flow runs in flight on a server")
+    sweep.add_argument("--via-deployment", action="store_true",
+                       help="each point a flow run of the pipeline deployment (default when PREFECT_API_URL is set)")
     sweep.add_argument("--json", action="store_true")
+
+    study = sub.add_parser("study", help="run a study file (studies/NAME.yaml) and write docs/results/NAME.md")
+    study.add_argument("files", nargs="*", metavar="FILE", help="study files (with --check, default: studies/*.yaml)")
+    study.add_argument("--check", action="store_true",
+                       help="recompute the fingerprints of every run on each page, run nothing; exit 1 if stale")
+    study.add_argument("--artifacts", default="artifacts", help="artifact root (default: ./artifacts)")
 
     sub.add_parser("methods", help="list the registered unlearning methods with their parameters")
 
@@ -65,11 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(report)
 
     serve = sub.add_parser("serve", help="local Prefect server + work pool + deployments + worker, until Ctrl-C")
-    serve.add_argument("--host", default="127.0.0.1", help="address the server listens on (default: 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address the server listens on (default: 127.0.0.1; any other needs --auth)")
+    serve.add_argument("--auth", action="store_true",
+                       help="require the auth string kept in HOME/auth_string (created mode 0600) from every client")
     serve.add_argument("--port", type=int, default=4200, help="server port; 0 picks a free one (default: 4200)")
     serve.add_argument("--db", default="sqlite", help="sqlite | postgres (a local cluster) | postgresql+asyncpg://...")
     serve.add_argument("--artifacts", default="artifacts", help="artifact root the deployments use")
     serve.add_argument("--home", help="PREFECT_HOME of the server: database, logs (default: .cache/prefect)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="process workers to start; more than one take one flow run each at a time (default: 1)")
     return parser
 
 
@@ -87,10 +102,15 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print()
     for s in summary["stages"]:
         print(f"  {s['name']:<11} {s['status']:<7} {s['seconds']:>8.1f}s  {s['path']}")
+        if s["name"] == "unlearn" and s["status"] == "ran":
+            methods = {m: v for m, v in s["stats"].items() if isinstance(v, dict)}
+            trained = [m for m, v in methods.items() if not v.get("reused")] or ["none"]
+            reused = [m for m, v in methods.items() if v.get("reused")] or ["none"]
+            print(f"  {'':<11} trained {', '.join(trained)}; reused {', '.join(reused)} (same settings, earlier run)")
     if summary["metrics"]:
         import pyarrow as pa
 
-        from stages.evaluate import format_table
+        from stages.reports import format_table
 
         print()
         print(format_table(pa.Table.from_pylist(summary["metrics"])))
@@ -136,19 +156,42 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(f"  {row['name']:<11} {row['state']:<10} {row['fingerprint']}  {row['path']}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from pipeline.sweep import grid_points, parse_grid, summary_table, sweep_flow
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import grid_points, parse_grid, server_configured, summary_table, sweep_flow
 
     for point in grid_points(parse_grid(args.grid)):  # fail fast on any bad grid value
         load_config(args.preset, args.config_file, [*args.overrides, *(f"{k}={v}" for k, v in point.items())])
     _console_without_tracebacks(args.debug)
     result = sweep_flow(grid=args.grid, preset=args.preset, overrides=args.overrides, artifacts=args.artifacts,
-                        seeds_key=args.seeds_key, config_file=args.config_file)
+                        seeds_key=args.seeds_key, config_file=args.config_file, parallel=args.parallel,
+                        via_deployment=args.via_deployment or server_configured())
     if args.json:
-        print(json.dumps({"path": result["path"], "summary": result["summary"]}))
-        return
-    print(summary_table(result["summary"]))
-    print(f"\nsweep results: {result['path']}")
+        print(json.dumps({"path": result["path"], "summary": result["summary"], "failed": result["failed"]}))
+    else:
+        print(summary_table(result["summary"]))
+        for f in result["failed"]:
+            print(f"failed point {f['point']}: {f['error']}")
+        print(f"\nsweep results: {result['path']}")
+    return 1 if result["failed"] else 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.study import check_study, load_study, run_study, study_files
+
+    files = study_files(args.files)
+    if not files:
+        raise ConfigError("no study files given and none in studies/")
+    if args.check:
+        stale = [problem for path in files for problem in check_study(path)]
+        for problem in stale:
+            print(f"  stale: {problem}")
+        print(f"{len(files) - len({p.split(':')[0] for p in stale})} of {len(files)} studies current")
+        return 1 if stale else 0
+    studies = [load_study(path) for path in files]  # every file and point checked before anything runs
+    _console_without_tracebacks(args.debug)
+    for study in studies:
+        print(run_study(study, args.artifacts))
+    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -167,7 +210,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline import storage
 
-    report = storage.local_cache(args.artifacts).verify_all(ORDER, fix=args.fix)
+    report = storage.verify(args.artifacts, ORDER, fix=args.fix)
     bad = [r for r in report if not r["ok"]]
     if args.json:
         print(json.dumps({"entries": report}))
@@ -181,22 +224,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from pipeline import storage
-    from pipeline.dag import fingerprints
-    from stages.reports import report_from_artifacts
+    from pipeline.runner import build_reports
 
-    cfg = load_config(args.preset, args.config_file, args.overrides)
-    cache = storage.local_cache(args.artifacts)
-    entry = cache.entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
-    if not entry.is_complete():
-        raise ConfigError(f"no evaluate artifact for this config at {entry.path}; run `sunlearn run` first")
-    out = cache.root / "reports" / entry.fingerprint
-    for name in report_from_artifacts(entry.path, cache.root, out):
-        print(out / name)
+    for location in build_reports(load_config(args.preset, args.config_file, args.overrides), args.artifacts):
+        print(location)
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "status": cmd_status, "serve": cmd_serve, "sweep": cmd_sweep,
-            "methods": cmd_methods, "verify": cmd_verify, "report": cmd_report}
+            "study": cmd_study, "methods": cmd_methods, "verify": cmd_verify, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

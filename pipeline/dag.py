@@ -1,24 +1,20 @@
 """The stage table: what each stage runs, which config sections it reads, and what it depends on.
 
-A stage's fingerprint covers exactly these: its config sections, its upstream fingerprints and the source of the
-modules that compute it. Nothing else can change its output.
+A stage's fingerprint covers exactly these: its config sections, its upstream fingerprints and the source of every
+in-repository module its entry point imports (stages.code_version). Nothing else can change its output.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pipeline.cache import fingerprint
+from stages.code_version import code_version
 from stages.config import Config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -27,65 +23,31 @@ class StageSpec:
     entry: str  # "module:function"; the function is fn(cfg, inputs: {upstream: Path}, out: Path) -> stats
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
-    code: tuple[str, ...]  # modules (or packages) whose source is part of the fingerprint
+
+    @property
+    def module(self) -> str:
+        return self.entry.partition(":")[0]
 
     def function(self) -> Callable[[Config, dict[str, Path], Path], dict[str, Any] | None]:
         module, _, name = self.entry.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
-_SHARED = ("stages.common", "schemas")
-
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
-        StageSpec("prepare", "stages.prepare:prepare", ("data", "model"), (), ("stages.prepare", "data")),
-        StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",), ("stages.target",)),
-        StageSpec(
-            "assistants",
-            "stages.assistants:train_assistants",
-            ("assistants",),
-            ("prepare",),
-            ("stages.assistants", "stages.llm_assistants", "stages.target"),
-        ),
-        StageSpec(
-            "scores",
-            "stages.scores:score_tokens",
-            ("assistants",),
-            ("prepare", "assistants"),
-            ("stages.scores", "stages.llm_assistants"),
-        ),
-        StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",), ("stages.masks",)),
-        StageSpec(
-            "unlearn", "stages.unlearn:unlearn", ("unlearn",), ("prepare", "target", "masks"), ("stages.unlearn",)
-        ),
-        StageSpec(
-            "evaluate",
-            "stages.evaluate:evaluate",
-            ("evaluate",),
-            ("prepare", "target", "masks", "scores", "unlearn"),
-            ("stages.evaluate", "stages.metrics", "stages.scoring", "stages.reports"),
-        ),
+        StageSpec("prepare", "stages.prepare:prepare", ("data", "model"), ()),
+        StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",)),
+        StageSpec("assistants", "stages.assistants:train_assistants", ("assistants",), ("prepare",)),
+        StageSpec("scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants")),
+        StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",)),
+        StageSpec("unlearn", "stages.unlearn:unlearn", ("unlearn",), ("prepare", "target", "masks")),
+        StageSpec("evaluate", "stages.evaluate:evaluate", ("evaluate",), ("prepare", "target", "masks", "scores",
+                                                                            "unlearn")),
     ]
 }
 
 ORDER = list(STAGES)
-
-
-@cache
-def code_version(modules: tuple[str, ...]) -> str:
-    """Hash of the source files of the given modules or packages."""
-    digest = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ImportError(f"cannot find module {name}")
-        origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for path in files:
-            digest.update(str(path.relative_to(REPO)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def downstream(stage: str) -> list[str]:
@@ -115,7 +77,7 @@ def fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
             "stage": name,
             "config": {s: cfg.section(s) for s in spec.sections},
             "upstream": {u: out[u]["fingerprint"] for u in spec.upstream},
-            "code": code_version(spec.code + _SHARED),
+            "code": code_version((spec.module,)),
         }
         out[name] = {"fingerprint": fingerprint(payload), **payload}
     return out

@@ -1,4 +1,7 @@
-"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs."""
+"""Prefect flows: the pipeline as seven cached tasks, and single-stage runs.
+
+A run started through the server keeps its paths inside the worker's allowed roots (pipeline/confinement.py).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from pipeline.dag import ORDER, downstream, upstream_closure  # noqa: E402
+from pipeline.confinement import DEFAULT_ARTIFACTS, load_confined  # noqa: E402
+from pipeline.dag import ORDER, STAGES, downstream, upstream_closure  # noqa: E402
 from pipeline.reports_artifacts import publish_reports  # noqa: E402
 from pipeline.runner import StageResult, materialize  # noqa: E402
 from schemas import read_table  # noqa: E402
-from stages.config import Config, load_config  # noqa: E402
-
-DEFAULT_ARTIFACTS = "artifacts"
+from stages.config import Config  # noqa: E402
 
 
 def _summary_markdown(result: StageResult) -> str:
@@ -47,8 +49,14 @@ def stage_task(name: str, cfg: Config, artifacts: str, force: bool = False) -> A
 
 
 def run_stages(cfg: Config, stages: list[str], artifacts: str, forced: set[str]) -> dict[str, Any]:
-    # a cached stage returns a Cached state, so take every result from its state
-    results = [stage_task(name, cfg, artifacts, force=name in forced, return_state=True).result() for name in stages]
+    """Submit every stage at once, each waiting for the futures of its upstream stages: independent stages (target
+    and assistants) run concurrently and the UI's graph shows the DAG. Results come back in `stages` order."""
+    futures: dict[str, Any] = {}
+    for name in stages:
+        waits = [futures[up] for up in STAGES[name].upstream if up in futures]
+        futures[name] = stage_task.submit(name, cfg, artifacts, force=name in forced, wait_for=waits)
+    # in run order, so the first error raised is the root failure, not a downstream stage that never started
+    results = [futures[name].result() for name in stages]
     metrics: list[dict[str, Any]] = []
     if stages[-1] == "evaluate":
         evaluate_dir = Path(results[-1]["path"])
@@ -67,7 +75,7 @@ def pipeline_flow(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """prepare → target → assistants → scores → masks → unlearn → evaluate, each stage cached by fingerprint."""
-    cfg = load_config(preset, config_file, overrides or [])
+    cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, ORDER, artifacts, set(downstream(force)) if force else set())
 
 
@@ -81,5 +89,31 @@ def stage_flow(
     config_file: str | None = None,
 ) -> dict[str, Any]:
     """One stage: reuse cached upstream, compute only what is missing, and with `force` recompute this stage."""
-    cfg = load_config(preset, config_file, overrides or [])
+    cfg = load_confined(preset, config_file, overrides or [], artifacts)
     return run_stages(cfg, upstream_closure(stage), artifacts, {stage} if force else set())
+
+
+@flow(name="sunlearn-study", log_prints=True)
+def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | None = None) -> str:
+    """Every point of a study file as a pipeline run, then its results page (also a `study-<name>` artifact)."""
+    import time
+
+    from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
+
+    start = time.time()
+    study = load_study(file)
+    points = study_points(study)
+    logger = get_run_logger()
+    results = []
+    for i, point in enumerate(points, 1):
+        logger.info("study %s: run %d/%d: %s", study.name, i, len(points), " ".join(point.overrides))
+        summary = run_stages(load_confined(study.preset, None, point.overrides, artifacts), ORDER, artifacts, set())
+        by_stage = {s["name"]: s for s in summary["stages"]}
+        results.append({"metrics": summary["metrics"],
+                        "fingerprints": {name: s["fingerprint"] for name, s in by_stage.items()},
+                        "paths": {name: s["path"] for name, s in by_stage.items()},
+                        "masks": by_stage["masks"]["stats"]})
+    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR)
+    create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),
+                             description=f"sunlearn study {study.name}")
+    return str(page)

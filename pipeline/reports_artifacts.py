@@ -1,5 +1,5 @@
-"""Publish the evaluate stage's reports as Prefect artifacts: results.md and pareto.png (inlined) as markdown, the
-wide results as a table, and where selection.html lives."""
+"""Publish the evaluate stage's reports as Prefect artifacts: results.md, pareto.png and curves.png (inlined) as
+markdown, the wide results as a table, and where selection.html lives."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from stages.reports import wide
 def publish_reports(evaluate_dir: Path) -> None:
     evaluate_dir = Path(evaluate_dir)
     markdown = (evaluate_dir / "results.md").read_text() if (evaluate_dir / "results.md").is_file() else ""
-    png = evaluate_dir / "pareto.png"
-    if png.is_file():
-        markdown += f"\n![Pareto plot]({'data:image/png;base64,' + base64.b64encode(png.read_bytes()).decode()})\n"
+    for name, title in (("pareto.png", "Pareto plot"), ("curves.png", "Unlearning curves")):
+        png = evaluate_dir / name
+        if png.is_file():
+            markdown += f"\n![{title}]({'data:image/png;base64,' + base64.b64encode(png.read_bytes()).decode()})\n"
     html = evaluate_dir / "selection.html"
     if html.is_file():
         markdown += f"\nSU's token selection, with score_diff on hover: `{html}`\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.cache import CacheError
 from pipeline.dag import STAGES, fingerprints, upstream_closure
-from stages.config import Config
+from stages.config import Config, ConfigError
 
 log = logging.getLogger("sunlearn")
 
@@ -59,8 +60,13 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             meta = {"config": fps[name]["config"], "upstream": fps[name]["upstream"], "code": fps[name]["code"],
                     "inputs": {k: str(v) for k, v in inputs.items()}}
             function = spec.function()
-            # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill
-            extra = {"scratch": cache.scratch(entry)} if "scratch" in inspect.signature(function).parameters else {}
+            # a stage that can resume (unlearn) keeps its checkpoints in a scratch folder that survives a kill;
+            # unlearn keeps trained methods and evaluate per-item results in folders every artifact shares
+            params = inspect.signature(function).parameters
+            extra = {"scratch": cache.scratch(entry)} if "scratch" in params else {}
+            for shared in ("eval_cache", "method_cache"):  # results keyed by content, shared by every artifact
+                if shared in params:
+                    extra[shared] = cache.shared(shared)
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             storage.publish(artifacts, entry)
             status = "ran"
@@ -71,3 +77,32 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
 def materialize_until(stage: str, cfg: Config, artifacts: str | Path) -> list[StageResult]:
     """Every stage up to and including `stage`, reusing whatever is cached."""
     return [materialize(name, cfg, artifacts) for name in upstream_closure(stage)]
+
+
+# what the pareto plot reads of every run under a root: small files, never the models
+RUN_FILES = ("evaluate/*/manifest.json", "evaluate/*/metrics.parquet", "masks/*/manifest.json",
+             "unlearn/*/manifest.json")
+
+
+def build_reports(cfg: Config, artifacts: str | Path) -> list[str]:
+    """`sunlearn report`: results.md, pareto.png and selection.html of the config's evaluate artifact, written to
+    `<root>/reports/<evaluate fingerprint>/` (uploaded for a remote root); returns where each file is."""
+    from stages.reports import report_from_artifacts
+
+    fps = fingerprints(cfg)
+    cache = storage.local_cache(artifacts)
+    entries = {name: cache.entry(name, fps[name]["fingerprint"]) for name in ("prepare", "scores", "masks", "evaluate")}
+    for entry in entries.values():
+        with cache.lock(entry):
+            storage.fetch(artifacts, entry)
+    evaluate = entries.pop("evaluate")
+    if not evaluate.is_complete():
+        where = storage.join(artifacts, "evaluate", evaluate.fingerprint)
+        raise ConfigError(f"no evaluate artifact for this config at {where}; run `sunlearn run` first")
+    out = cache.root / "reports" / evaluate.fingerprint
+    inputs = {name: entry.path for name, entry in entries.items() if entry.is_complete()}
+    with tempfile.TemporaryDirectory(prefix="sunlearn-runs-") as tmp:
+        runs = storage.fetch_files(artifacts, RUN_FILES, Path(tmp))
+        names = report_from_artifacts(evaluate.path, runs, out, inputs)
+    location = storage.put_tree(artifacts, f"reports/{evaluate.fingerprint}", out)
+    return [f"{location}/{name}" for name in names]

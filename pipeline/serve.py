@@ -3,12 +3,16 @@
 Each process it starts runs in its own session (process group). Stopping signals those groups and every flow-run
 process their members spawned (a flow run gets a session of its own), and nothing else. With `db="postgres"` it
 also runs a PostgreSQL cluster from Debian's packages in the serve home: the database a team's shared server uses.
+With `auth` the server takes only requests that carry the auth string kept in the serve home (mode 0600); without it
+the server must listen on loopback only, since anyone who reaches it can run code on its workers.
 """
 
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +31,7 @@ import yaml
 from stages.environment import LOOPBACK, REPO, free_port
 
 PREFECT_FILE = REPO / "prefect.yaml"
+AUTH_FILE = "auth_string"  # in the serve home
 
 
 class ServeError(RuntimeError):
@@ -40,6 +45,31 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def is_loopback(host: str) -> bool:
+    """Does every address `host` names belong to this machine alone (127.0.0.0/8, ::1)?"""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def auth_string(path: Path) -> str:
+    """The server's auth string in `path`: made once (`sunlearn:` + 32 random bytes), readable by its owner only."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mode 0600 from the moment the file exists: the secret is never readable by others
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"sunlearn:{secrets.token_urlsafe(32)}\n")
+    if path.stat().st_mode & 0o077:
+        raise ServeError(f"{path} can be read by other users: chmod 600 {path}")
+    value = path.read_text().strip()
+    if not value:
+        raise ServeError(f"{path} is empty: remove it to generate a new auth string")
+    return value
 
 
 def pool_name(prefect_file: Path = PREFECT_FILE) -> str:
@@ -222,6 +252,8 @@ class Stack:
     artifacts: str
     procs: ProcessGroup
     deployments: list[str]
+    auth_file: Path | None = None  # holds the auth string every client must send; None: no auth (loopback only)
+    workers: int = 1  # each takes one flow run at a time, as one per GPU node would
 
 
 def _prefect(*args: str) -> list[str]:
@@ -237,8 +269,15 @@ def serve(
     artifacts: str = "artifacts",
     prefect_file: Path = PREFECT_FILE,
     timeout: float = 180,
+    auth: bool = False,
+    workers: int = 1,
 ) -> Iterator[Stack]:
-    """Start database (for postgres), server, work pool, deployments and worker; stop all of them on exit."""
+    """Start database (for postgres), server, work pool, deployments and worker(s); stop all of them on exit.
+
+    With `workers` > 1, each worker takes one flow run at a time, as one per GPU node would on a cluster."""
+    if not auth and not is_loopback(host):
+        raise ServeError(f"--host {host} is reachable from other machines, and anyone who reaches the server can run "
+                         "code on its workers: add --auth, or keep the default 127.0.0.1")
     home = home.expanduser().resolve()
     procs = ProcessGroup(home / "logs")
     if port == 0:
@@ -253,9 +292,15 @@ def serve(
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": api_url, "SUNLEARN_REPO": str(REPO), "SUNLEARN_ARTIFACTS": artifacts}
     env.pop("PREFECT_PROFILE", None)
+    auth_file = home / AUTH_FILE if auth else None
+    if auth_file is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth_string(auth_file)  # the worker, its flow runs and the deploy step
     try:
         server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-        server_env["PREFECT_SERVER_UI_API_URL"] = api_url  # the UI in the browser calls this, not port 4200
+        # the UI in the browser calls this (not port 4200), unless it must go through a proxy
+        server_env.setdefault("PREFECT_SERVER_UI_API_URL", api_url)
+        if auth_file is not None:
+            server_env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
         if db == "postgres":
             database = LocalPostgres(home / "postgres", free_port())
             database.start(procs, timeout)
@@ -272,12 +317,16 @@ def serve(
         wait_until(lambda: _healthy(api_url), timeout, f"the Prefect server at {api_url}", procs)
         pool = pool_name(prefect_file)
         procs.run("work-pool", _prefect("work-pool", "create", pool, "--type", "process", "--overwrite"), env, timeout)
-        # the worker starts while the deployments are created: both take tens of seconds
-        procs.start("worker", _prefect("worker", "start", "--pool", pool, "--type", "process",
-                                       "--name", f"sunlearn-{socket.gethostname()}"), env)
+        # the workers start while the deployments are created: both take tens of seconds
+        for i in range(workers):
+            name = f"sunlearn-{socket.gethostname()}" + (f"-{i + 1}" if workers > 1 else "")
+            limit = ["--limit", "1"] if workers > 1 else []
+            procs.start(f"worker-{i + 1}" if workers > 1 else "worker",
+                        _prefect("worker", "start", "--pool", pool, "--type", "process", "--name", name, *limit), env)
         procs.run("deploy", _prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)), env,
                   timeout)
-        yield Stack(ui_url, api_url, pool, db, artifacts, procs, deployment_names(prefect_file))
+        yield Stack(ui_url, api_url, pool, db, artifacts, procs, deployment_names(prefect_file), auth_file,
+                    workers)
     finally:
         procs.stop()
 
@@ -311,9 +360,11 @@ def describe(stack: Stack) -> str:
         f"Prefect UI:   {stack.ui_url}",
         f"API:          {stack.api_url}   (export PREFECT_API_URL={stack.api_url} to use the prefect CLI)",
         f"database:     {stack.db}",
-        f"work pool:    {stack.pool} (process), one worker on this machine",
+        f"work pool:    {stack.pool} (process), "
+        + ("one worker" if stack.workers == 1 else f"{stack.workers} workers, one flow run each") + " on this machine",
         f"artifacts:    {stack.artifacts}",
         "deployments:  " + ", ".join(stack.deployments),
+        _describe_auth(stack.auth_file),
         f"logs:         {stack.procs.log_dir}",
         "re-run one:   the deployment's page in the UI > Run > Custom run (e.g. overrides [\"masks.gamma=0.6\"])",
         f"stop:         Ctrl-C here, or kill -TERM {os.getpid()} (ends only the processes serve started)",
@@ -321,10 +372,17 @@ def describe(stack: Stack) -> str:
     return "\n".join(lines)
 
 
+def _describe_auth(auth_file: Path | None) -> str:
+    if auth_file is None:
+        return "auth:         off (the server listens on loopback only; --auth turns it on)"
+    return (f"auth:         on; the string is in {auth_file} (mode 0600). Another client or worker: "
+            f'export PREFECT_API_AUTH_STRING="$(cat {auth_file})"; the UI asks for the same string')
+
+
 def cmd_serve(args) -> None:
     """The `sunlearn serve` command: start everything, print where it is, wait for Ctrl-C, stop what it started."""
     home = Path(args.home) if args.home else REPO / ".cache" / "prefect"
-    with serve(home, args.host, args.port, args.db, args.artifacts) as stack:
+    with serve(home, args.host, args.port, args.db, args.artifacts, auth=args.auth, workers=args.workers) as stack:
         print(describe(stack), flush=True)
         try:
             run_forever(stack)

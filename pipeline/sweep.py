@@ -3,13 +3,22 @@
 Each grid point is an ordinary pipeline run, so every stage upstream of what the point changes is reused from the
 cache (a γ sweep trains the target and the assistants once). Seeds are a grid key like any other
 (`unlearn.seed=0,1,2`); the summary reports the mean and spread over every key named in `--seeds-key`.
+
+`run_points` runs a list of points (each a list of `key=value` overrides) three ways: one after the other in this
+process; `parallel` at a time in local worker processes (the cache's file locks compute each artifact once); or,
+against a Prefect server, as flow runs of the `pipeline` deployment that any worker of the pool takes. A failed point
+is reported by name and the others still count.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
@@ -17,11 +26,29 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from pipeline import storage
 from pipeline.cache import fingerprint
-from pipeline.dag import ORDER
+from pipeline.confinement import load_confined
+from pipeline.dag import ORDER, fingerprints
 from pipeline.flows import DEFAULT_ARTIFACTS, run_stages
-from schemas import write_json_atomic, write_table
+from schemas import read_table, write_json_atomic, write_table
 from stages.config import ConfigError, load_config
+
+PIPELINE_DEPLOYMENT = "sunlearn-pipeline/pipeline"
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class PointResult:
+    """One grid point's outcome: its metrics rows when it completed, its error when not."""
+
+    name: str  # the point's overrides joined, as logs and the failure list name it
+    overrides: list[str]
+    state: str  # COMPLETED, FAILED, CRASHED or CANCELLED
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    flow_run_id: str | None = None  # set when the point ran as a flow run of the pipeline deployment
+    worker: str | None = None  # the Prefect worker that ran it
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -38,6 +65,146 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
     keys = list(grid)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: list[str]) -> str:
+    return ",".join(point) or "(defaults)"
+
+
+def server_configured() -> bool:
+    """True when a Prefect server is named (PREFECT_API_URL): then points go to the work pool by default."""
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
+def run_points(
+    points: list[list[str]],
+    preset: str = "embedded",
+    overrides: list[str] | None = None,
+    artifacts: str = DEFAULT_ARTIFACTS,
+    config_file: str | None = None,
+    parallel: int = 1,
+    via_deployment: bool = False,
+) -> list[PointResult]:
+    """Run every point (its `key=value` overrides after the common `overrides`); one result per point, in order.
+
+    Every point's config is validated before any work starts. `parallel` is the number of points at once: local
+    worker processes, or with `via_deployment` flow runs of the pipeline deployment in flight.
+    """
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+    full = [[*(overrides or []), *point] for point in points]
+    for point in full:
+        load_config(preset, config_file, point)
+    if not storage.is_remote(artifacts):  # every process, on every node, must mean the same folder
+        artifacts = str(storage.local_root(artifacts))
+    if via_deployment:
+        outcomes = _on_the_pool(full, preset, artifacts, config_file, parallel)
+    elif parallel > 1:
+        outcomes = in_worker_processes(full, preset, artifacts, config_file, parallel)
+    else:
+        outcomes = [_here(point, preset, artifacts, config_file) for point in full]
+    return [
+        PointResult(point_name(point), point, **outcome) for point, outcome in zip(points, outcomes, strict=True)
+    ]
+
+
+def _metrics(preset: str, config_file: str | None, overrides: list[str], artifacts: str) -> list[dict[str, Any]]:
+    """The point's metrics, read from its evaluate artifact (fetched from a remote root when needed)."""
+    cfg = load_config(preset, config_file, overrides)
+    cache = storage.local_cache(artifacts)
+    entry = cache.entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
+    with cache.lock(entry):
+        storage.fetch(artifacts, entry)
+    if not entry.is_complete():
+        raise ConfigError(f"no evaluate artifact at {entry.path}")
+    return read_table(entry.path / "metrics.parquet").to_pylist()
+
+
+def _failed(exc: BaseException) -> dict[str, Any]:
+    return {"state": "FAILED", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _here(point: list[str], preset: str, artifacts: str, config_file: str | None) -> dict[str, Any]:
+    try:
+        summary = run_stages(load_config(preset, config_file, point), ORDER, artifacts, set())
+    except Exception as exc:  # a failed point is reported; the others still run
+        return _failed(exc)
+    return {"state": "COMPLETED", "metrics": summary["metrics"]}
+
+
+def run_point_process(point: list[str], preset: str, artifacts: str, config_file: str | None) -> list[dict[str, Any]]:
+    """A local worker process's job: every stage of one point through the cache, no Prefect; returns its metrics."""
+    from stages.environment import configure_environment
+
+    configure_environment()
+    from pipeline.runner import materialize
+
+    cfg = load_config(preset, config_file, point)
+    for name in ORDER:
+        materialize(name, cfg, artifacts)
+    return _metrics(preset, config_file, point, artifacts)
+
+
+def in_worker_processes(
+    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int
+) -> list[dict[str, Any]]:
+    """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}."""
+    outcomes: list[dict[str, Any]] = [{} for _ in points]
+    # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_point_process, point, preset, artifacts, config_file): i
+                   for i, point in enumerate(points)}
+        for future in as_completed(futures):
+            try:
+                outcomes[futures[future]] = {"state": "COMPLETED", "metrics": future.result()}
+            except Exception as exc:  # the point's own failure, or its worker process died
+                outcomes[futures[future]] = _failed(exc)
+    return outcomes
+
+
+def _on_the_pool(
+    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, parallel: int, poll: float = 2.0
+) -> list[dict[str, Any]]:
+    """Each point a flow run of the pipeline deployment, at most `parallel` in flight; wait for all of them."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    parameters = {"preset": preset, "artifacts": artifacts}
+    if config_file is not None:
+        parameters["config_file"] = config_file
+    pending = list(range(len(points)))
+    running: dict[int, Any] = {}
+    outcomes: list[dict[str, Any]] = [{} for _ in points]
+    with get_client(sync_client=True) as client:
+        while pending or running:
+            while pending and len(running) < parallel:
+                i = pending.pop(0)
+                try:
+                    running[i] = run_deployment(PIPELINE_DEPLOYMENT, parameters={**parameters, "overrides": points[i]},
+                                                flow_run_name=f"point-{point_name(points[i])}", timeout=0)
+                except ObjectNotFound:
+                    raise ConfigError(f"the Prefect server has no deployment {PIPELINE_DEPLOYMENT}: start one with "
+                                      "`sunlearn serve`, deploy with `prefect deploy --all`, or unset "
+                                      "PREFECT_API_URL to run the points here") from None
+            time.sleep(poll)
+            for i, flow_run in list(running.items()):
+                flow_run = client.read_flow_run(flow_run.id)
+                if flow_run.state is None or flow_run.state.type.value not in FINAL_STATES:
+                    continue
+                del running[i]
+                state = flow_run.state.type.value
+                outcome = {"state": state, "flow_run_id": str(flow_run.id),
+                           "worker": flow_run.labels.get("prefect.worker.name")}
+                if state == "COMPLETED":
+                    try:
+                        outcome["metrics"] = _metrics(preset, config_file, points[i], artifacts)
+                    except Exception as exc:
+                        outcome.update(_failed(exc))
+                else:
+                    outcome["error"] = f"flow run {flow_run.name}: {state}: {flow_run.state.message or ''}".strip()
+                outcomes[i] = outcome
+    return outcomes
 
 
 def summarise(frame: pl.DataFrame, over: str | None) -> pl.DataFrame:
@@ -58,35 +225,54 @@ def sweep_flow(
     artifacts: str = DEFAULT_ARTIFACTS,
     seeds_key: str | None = "unlearn.seed",
     config_file: str | None = None,
+    parallel: int = 1,
+    via_deployment: bool | None = None,
 ) -> dict[str, Any]:
+    """The grid's points, `parallel` at a time; `via_deployment` (default: when PREFECT_API_URL is set) sends each
+    to the work pool as a flow run of the pipeline deployment."""
     logger = get_run_logger()
     parsed = parse_grid(grid)
     points = grid_points(parsed)
-    for point in points:  # validate every point before any work starts
-        load_config(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())])
-    rows: list[dict[str, Any]] = []
-    for i, point in enumerate(points, 1):
-        logger.info("sweep point %d/%d: %s", i, len(points), point)
-        cfg = load_config(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())])
-        summary = run_stages(cfg, ORDER, artifacts, set())
-        rows += [{**m, **{f"grid.{k}": v for k, v in point.items()}} for m in summary["metrics"]]
+    for point in points:  # validate (and confine) every point before any work starts
+        load_confined(preset, config_file, [*(overrides or []), *(f"{k}={v}" for k, v in point.items())], artifacts)
+    via = server_configured() if via_deployment is None else via_deployment
+    logger.info("sweep: %d points, %d at a time, %s", len(points), parallel,
+                f"as flow runs of {PIPELINE_DEPLOYMENT}" if via else "on this machine")
+    results = run_points([[f"{k}={v}" for k, v in point.items()] for point in points], preset, overrides,
+                         artifacts, config_file, parallel, via)
+    failed = [{"point": r.name, "state": r.state, "error": r.error} for r in results if r.state != "COMPLETED"]
+    for f in failed:
+        logger.error("sweep point %s %s: %s", f["point"], f["state"], f["error"])
+    rows = [{**m, "point": i, **{f"grid.{k}": v for k, v in point.items()}}
+            for i, (point, r) in enumerate(zip(points, results, strict=True)) for m in r.metrics]
+    if not rows:
+        raise RuntimeError(f"every sweep point failed; first: {failed[0]['point']}: {failed[0]['error']}")
     frame = pl.DataFrame(rows)
-    out = Path(artifacts) / "sweeps" / fingerprint({"grid": parsed, "preset": preset, "overrides": overrides})
+    key = fingerprint({"grid": parsed, "preset": preset, "overrides": overrides})
+    out = storage.local_root(artifacts) / "sweeps" / key
     out.mkdir(parents=True, exist_ok=True)
     write_table(
         pa.table({
-            "point": [points.index({k[5:]: r[k] for k in r if k.startswith("grid.")}) for r in rows],
+            "point": frame["point"].to_list(),
             "params": [json.dumps({k[5:]: r[k] for k in r if k.startswith("grid.")}) for r in rows],
             "model": frame["model"].to_list(),
+            "step": frame["step"].to_list(),
             "metric": frame["metric"].to_list(),
             "value": frame["value"].to_list(),
         }),
         out / "sweep_metrics.parquet",
     )
-    summary_frame = summarise(frame, seeds_key if seeds_key in parsed else None)
+    final = frame.filter(pl.col("step") == pl.col("step").max().over(["point", "model"]))
+    summary_frame = summarise(final.drop("point", "step"), seeds_key if seeds_key in parsed else None)
     write_json_atomic(out / "summary.json", summary_frame.to_dicts())
-    create_markdown_artifact(key="sweep-summary", markdown=_markdown(summary_frame), description="sunlearn sweep")
-    return {"path": str(out), "points": points, "rows": rows, "summary": summary_frame.to_dicts()}
+    write_json_atomic(out / "points.json", [vars(r) | {"metrics": len(r.metrics)} for r in results])
+    location = storage.put_tree(artifacts, f"sweeps/{key}", out)
+    markdown = _markdown(summary_frame)
+    if failed:
+        markdown += "\n\nFailed points:\n" + "\n".join(f"- `{f['point']}`: {f['error']}" for f in failed)
+    create_markdown_artifact(key="sweep-summary", markdown=markdown, description="sunlearn sweep")
+    return {"path": location, "points": points, "rows": rows, "summary": summary_frame.to_dicts(), "failed": failed,
+            "results": [vars(r) for r in results]}
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:

@@ -85,21 +85,25 @@ TRAIN_LOG = pa.schema(
     ]
 )
 
-METRICS = pa.schema([("model", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
+METRICS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("step", pa.int64()),  # unlearning steps behind the weights: 0 for target and retain, k for a snapshot
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 
+# long, so that a new metric needs no schema change: one row per (model, step, eval set, item, value name)
 ITEM_SCORES = pa.schema(
     [
         ("model", pa.string()),
-        ("split", pa.string()),
+        ("step", pa.int64()),
+        ("split", pa.string()),  # the eval set
         ("doc_id", pa.string()),
-        ("prob", pa.float64()),
-        ("truth_ratio", pa.float64()),
-        ("rouge", pa.float64()),  # TOFU splits: ROUGE-L recall; verbmem and knowmem_*: ROUGE-L F1
-        ("generation", pa.string()),
-        ("fact_recall", pa.float64()),  # forget / eval_retain: share of fact words the generation reproduces
-        ("exact_memorization", pa.float64()),  # forget only
-        ("extraction_strength", pa.float64()),  # forget only
-        ("min_k", pa.float64()),  # privleak_*: -mean of the lowest 40 % token log-probs
+        ("item", pa.string()),  # the per-item value's name (stages/evaluate: ItemValue.name), e.g. rouge
+        ("value", pa.float64()),  # null for text values
+        ("text", pa.string()),  # a text value (the greedy generation); null otherwise
     ]
 )
 
@@ -118,6 +122,7 @@ SWEEP_METRICS = pa.schema(
         ("point", pa.int64()),  # index of the grid point
         ("params", pa.string()),  # the grid point's key=value settings, as JSON
         ("model", pa.string()),
+        ("step", pa.int64()),
         ("metric", pa.string()),
         ("value", pa.float64()),
     ]

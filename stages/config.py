@@ -39,6 +39,8 @@ class ModelConfig:
     name: str | None = None  # hub id or local path; None trains a tiny Llama from scratch
     vocab_size: int = 1024  # tokenizer trained by `prepare` when name is None
     retain_name: str | None = None  # with `name`: the model trained without the forget set (for forget quality)
+    template: str = "plain"  # QA prompts: plain ("Question: …\nAnswer:") | chat (the tokenizer's chat template)
+    system_prompt: str | None = None  # chat only: a system turn before every question
 
 
 @dataclass
@@ -51,6 +53,16 @@ class TargetConfig:
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 0
+    # with model.name: fine-tune it on the full split into the target and on retain into the retain model (stages/
+    # finetune.py), with TOFU's recipe below, in a DeepSpeed engine launched as unlearn launches its loop
+    finetune: bool = False
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-5
+    finetune_batch_size: int = 32  # effective batch over every process
+    zero_stage: int = 0  # fine-tune only, as unlearn.zero_stage
+    num_procs: int = 1  # fine-tune only, as unlearn.num_procs
+    hostfile: str | None = None  # fine-tune only, as unlearn.hostfile
+    bf16: bool = False  # fine-tune only, GPU only
 
 
 @dataclass
@@ -80,6 +92,16 @@ class MasksConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # adapter rank; 0: train every weight
+    alpha: float = 16.0  # peft's lora_alpha: the adapters' update is scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # Llama's linear layers
+
+
+@dataclass
 class UnlearnConfig:
     methods: list[str] = field(default_factory=lambda: ["su", "graddiff"])
     lr: float = 5e-4
@@ -101,6 +123,12 @@ class UnlearnConfig:
     # per-method loss parameters over the registry's defaults: `--set unlearn.params.npo.beta=0.2`
     params: dict[str, dict[str, float | str]] = field(default_factory=dict)
     reference: str = "logprobs"  # logprobs: the frozen target's values, computed once | model: keep it in memory
+    # optimizer steps between snapshots of each method's weights (snapshots/<method>/step-<k>/), for curves; 0: none
+    snapshot_every: int = 0
+    # optimizer steps between divergence checks (each waits for the device); every save is checked first anyway
+    divergence_check_every: int = 10
+    # LoRA adapters through peft (`--set unlearn.lora.r=8`); the merged model is saved (stages/unlearn/lora.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -204,6 +232,13 @@ def apply_override(cfg: Config, key: str, raw: Any) -> None:
     if field_name.startswith("params.") and section_name == "unlearn":
         _set_method_param(section, key, field_name.removeprefix("params."), raw)
         return
+    if field_name.startswith("lora.") and section_name == "unlearn":
+        name = field_name.removeprefix("lora.")
+        lora_hints = _field_types(LoraConfig)
+        if name not in lora_hints:
+            raise ConfigError(f"unknown config key {key!r}{suggest(name, lora_hints)}")
+        setattr(section.lora, name, _coerce(raw, lora_hints[name], key))
+        return
     if field_name not in hints:
         keys = [f"{section_name}.{f}" for f in hints]
         raise ConfigError(f"unknown config key {key!r}{suggest(key, keys)}")
@@ -283,8 +318,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unlearn.stop_forget_prob must be in (0, 1) (a mean answer probability), got {stop}")
     if cfg.unlearn.hostfile and not Path(cfg.unlearn.hostfile).expanduser().is_file():
         raise ConfigError(f"unlearn.hostfile {cfg.unlearn.hostfile} does not exist")
+    lora = cfg.unlearn.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0 or (lora.r and not lora.target_modules):
+        raise ConfigError(f"unlearn.lora: r >= 0, alpha > 0, dropout in [0, 1) and target modules, got {lora}")
+    if lora.r and cfg.unlearn.zero_stage == 3:
+        raise ConfigError("unlearn.lora works with unlearn.zero_stage 0-2 (ZeRO-3 would shard what the merge reads)")
     if cfg.unlearn.reference not in ("logprobs", "model"):
         raise ConfigError(f"unlearn.reference must be logprobs or model, got {cfg.unlearn.reference!r}")
+    if cfg.unlearn.snapshot_every < 0:
+        raise ConfigError(f"unlearn.snapshot_every must be >= 0 (0: off), got {cfg.unlearn.snapshot_every}")
+    if cfg.unlearn.divergence_check_every < 1:
+        raise ConfigError(f"unlearn.divergence_check_every must be >= 1, got {cfg.unlearn.divergence_check_every}")
     if cfg.unlearn.num_procs < 1:
         raise ConfigError(f"unlearn.num_procs must be >= 1, got {cfg.unlearn.num_procs}")
     if not cfg.unlearn.methods:
@@ -301,8 +345,34 @@ def validate(cfg: Config) -> None:
                 _choice(value, METHODS[method].choices[param], key)
             elif param == "keep" and value < 0:  # a negative weight would push the unselected tokens up, not keep them
                 raise ConfigError(f"{key} must be >= 0 (the weight of the NLL on unselected tokens), got {value}")
+    t = cfg.target
+    if t.finetune and cfg.model.name is None:
+        raise ConfigError("target.finetune=true needs model.name (the base model to fine-tune)")
+    if t.finetune and cfg.model.retain_name:
+        raise ConfigError("target.finetune=true fine-tunes the retain model itself; drop model.retain_name")
+    if t.zero_stage not in (0, 1, 2, 3) or cfg.unlearn.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0-3, got {t.zero_stage} / {cfg.unlearn.zero_stage}")
+    if t.num_procs < 1:
+        raise ConfigError(f"target.num_procs must be >= 1, got {t.num_procs}")
+    if t.finetune_epochs < 1 or t.finetune_batch_size < 1 or t.finetune_lr <= 0:
+        raise ConfigError("target.finetune_epochs, finetune_batch_size and finetune_lr must be positive")
+    if t.hostfile and not Path(t.hostfile).expanduser().is_file():
+        raise ConfigError(f"target.hostfile {t.hostfile} does not exist")
+    if cfg.model.template not in ("plain", "chat"):
+        raise ConfigError(f"model.template must be plain or chat, got {cfg.model.template!r}")
+    if cfg.model.template == "chat" and cfg.model.name is None:
+        raise ConfigError("model.template=chat needs model.name (a tokenizer with a chat template)")
     if cfg.model.name and not Path(cfg.model.name).exists() and cfg.model.name.startswith((".", "/", "~")):
         raise ConfigError(f"model path {cfg.model.name} does not exist")
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A Config from a nested dict such as Config.to_dict() writes, through the same coercion and validation."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
 
 
 def load_config(

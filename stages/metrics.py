@@ -1,7 +1,7 @@
 """TOFU and MUSE metrics as pure functions over per-item NLLs, log-probs and generations, found by name in
 METRIC_FUNCTIONS.
 
-Definitions follow /work/shared/docs/METRICS.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
+Definitions follow docs/metrics.md, open-unlearning (src/evals/metrics) and muse_bench: the same 1e-10
 guards, the same libraries (rouge_score for ROUGE-L, scipy.stats.ks_2samp for forget quality, scipy.stats.hmean for
 utility, sklearn.metrics.roc_auc_score for PrivLeak). Per-item functions take arrays of average answer NLLs:
 `correct` of shape (n,) and `perturbed` of shape (n, k), NaN-padded where an item has fewer than k perturbed answers.
@@ -188,22 +188,26 @@ def model_utility(values: Sequence[float]) -> float:
 
 @register("exact_memorization")
 def exact_memorization(correct: Sequence[np.ndarray]) -> np.ndarray:
-    """Per item: fraction of answer positions where the teacher-forced argmax equals the label."""
+    """Per item: fraction of answer positions where the teacher-forced argmax equals the label.
+
+    `correct` holds the answer positions before EOS, as open-unlearning scores them (evaluate/tofu.py drops EOS).
+    """
     return np.array([float(np.mean(c)) if len(c) else float("nan") for c in correct])
 
 
 @register("extraction_strength")
 def extraction_strength(correct: Sequence[np.ndarray]) -> np.ndarray:
-    """Per item 1 - k*/|y|, k* the smallest k with argmax == label at every position from k on.
+    """Per item 1 - k*/|y|, k* the smallest k with argmax == label at every position from k on, over the answer
+    positions before EOS.
 
-    If even the last position is wrong, k* = |y| and the score is 0, as METRICS.md defines it (open-unlearning's
-    loop stops at k = |y| - 1 and reports 1/|y| there).
+    As open-unlearning, k* stops at |y| - 1: an item whose last position is wrong scores 1/|y|, not 0
+    (docs/metrics.md), so the numbers sit next to its published ones.
     """
     out = []
     for c in correct:
         c = np.asarray(c, dtype=bool)
-        matched_suffix = int(np.cumprod(c[::-1]).sum()) if c.size else 0
-        out.append(matched_suffix / c.size if c.size else float("nan"))
+        matched_suffix = int(np.cumprod(c[::-1]).sum())
+        out.append(max(matched_suffix, 1) / c.size if c.size else float("nan"))
     return np.array(out)
 
 

@@ -4,7 +4,7 @@ Writes `documents.parquet` (schemas.DOCUMENTS) and the tokenizer folder (stages.
 the `data` and `model` config sections.
 
 - embedded and tofu (QA items): splits forget, retain, eval_retain (TOFU's retain_perturbed; for the embedded set a
-  sample of retain), real_authors and world_facts.
+  sample of retain), real_authors and world_facts; holdout too where a TOFU folder has holdoutNN.json.
 - muse (MUSE-News layout, see `muse_files`): forget and retain are the raw articles cut into fixed windows of
   MUSE_CHUNK_TOKENS tokens (no overlap, the last window shorter, no EOS) with answer_start = 0, so every token is
   trained and scored; privleak_forget, privleak_retain and privleak_holdout are texts cut to their first
@@ -25,7 +25,16 @@ import numpy as np
 import pyarrow as pa
 
 from schemas import DOCUMENTS, write_table
-from stages.common import SPLITS_TRAIN, TOKENIZER_DIR, log, prompt_text
+from stages.common import (
+    SPLITS_TRAIN,
+    TOKENIZER_DIR,
+    PromptFormat,
+    answer_text,
+    encode_prompts,
+    log,
+    prompt_text,
+    save_tokenizer,
+)
 from stages.config import Config, ConfigError, DataConfig, ModelConfig
 
 OUTPUT_SPLITS = ("forget", "retain", "eval_retain", "real_authors", "world_facts")
@@ -118,6 +127,9 @@ def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict
     path = data.path or TOFU_HUB_ID
     folder = Path(path).expanduser()
     if folder.is_dir():
+        holdout = folder / f"holdout{match.group(1)}.json"  # the hub's holdout01/05/10: TOFU's PrivLeak texts
+        if holdout.is_file():
+            stems["holdout"] = holdout.stem
         sources = {split: str(folder / f"{stem}.json") for split, stem in stems.items()}
         raw = {split: _read_json(Path(src)) for split, src in sources.items()}
     elif path.startswith((".", "/", "~")) or folder.exists():
@@ -128,23 +140,57 @@ def tofu_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict
     return {split: [_item(r) for r in rows[: data.limit]] for split, rows in raw.items()}, sources
 
 
-def _muse_rows(split: str, rows: Any, where: str) -> list[dict[str, Any]]:
-    """One output split's raw rows as items: texts, {prompt, gt} or {question, answer}."""
+def _muse_rows(split: str, rows: Any, where: str) -> tuple[list[dict[str, Any]], int]:
+    """One output split's raw rows as items (texts, {prompt, gt} or {question, answer}), and how many empty texts
+    were skipped (the public MUSE-News forget corpus has one)."""
     if not isinstance(rows, list):
         raise ConfigError(f"{where}: expected a JSON list, got {type(rows).__name__}")
     if split in MUSE_TEXT_SPLITS:
         rows = [r["text"] if isinstance(r, dict) and "text" in r else r for r in rows]  # hub rows are {text}
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, str) or not r.strip()), None)
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, str)), None)
         if bad is not None:
-            raise ConfigError(f"{where}: item {bad} is not a non-empty string")
-        return [_item({"question": None, "answer": r}, "text") for r in rows]
+            raise ConfigError(f"{where}: item {bad} is not a string (got {type(rows[bad]).__name__})")
+        texts = [r for r in rows if r.strip()]
+        return [_item({"question": None, "answer": r}, "text") for r in texts], len(rows) - len(texts)
     if split == "verbmem":
         ok = [isinstance(r, dict) and bool(r.get("prompt")) and bool(r.get("gt")) for r in rows]
         bad = next((i for i, good in enumerate(ok) if not good), None)
         if bad is not None:
             raise ConfigError(f"{where}: item {bad} has no 'prompt' and 'gt'")
-        return [_item({"question": r["prompt"], "answer": r["gt"]}, "continuation") for r in rows]
-    return [_item(r) for r in _check_rows(rows, where)]
+        return [_item({"question": r["prompt"], "answer": r["gt"]}, "continuation") for r in rows], 0
+    return [_item(r) for r in _check_rows(rows, where)], 0
+
+
+def _muse_limit(splits: dict[str, list[dict[str, Any]]], limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Every split cut to `limit` rows, keeping first the forget articles the kept VerbMem prompts come from (found
+    by text), so that the target has trained on what VerbMem asks it to continue."""
+    if limit is None:
+        return splits
+    out = {split: rows[:limit] for split, rows in splits.items()}
+
+    def flat(text: str) -> str:
+        return " ".join(text.split())
+
+    articles = [flat(r["answer"]) for r in splits["forget"]]
+    sources = []
+    for prompt in (flat(r["question"]) for r in out["verbmem"]):
+        found = next((i for i, text in enumerate(articles) if prompt in text), None)
+        if found is not None and found not in sources:
+            sources.append(found)
+    missing = len(out["verbmem"]) - len(sources)
+    if missing:
+        log.warning("muse: %d of %d VerbMem prompts are in no forget article (or share one)", missing,
+                    len(out["verbmem"]))
+    rest = [i for i in range(len(articles)) if i not in set(sources)]
+    keep = sorted(sources[:limit] + rest[: max(0, limit - len(sources))])
+    out["forget"] = [splits["forget"][i] for i in keep]
+    return out
+
+
+def _warn_empty(empty: dict[str, int]) -> None:
+    if sum(empty.values()):
+        where = ", ".join(f"{name}: {n}" for name, n in empty.items() if n)
+        log.warning("muse: skipped %d empty texts (%s)", sum(empty.values()), where)
 
 
 def muse_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]:
@@ -166,7 +212,7 @@ def muse_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], str]
 
 
 def _muse_folder(folder: Path, limit: int | None) -> dict[str, list[dict[str, Any]]]:
-    splits = {}
+    splits, empty = {}, {}
     for split, (pattern, _, _) in MUSE_FILES.items():
         files = sorted(p for p in folder.glob(pattern) if split.endswith("_icl") or not p.stem.endswith("_icl"))
         if not files:
@@ -174,17 +220,19 @@ def _muse_folder(folder: Path, limit: int | None) -> dict[str, list[dict[str, An
         rows: list[dict[str, Any]] = []
         for file in files:
             try:
-                rows += _muse_rows(split, json.loads(file.read_text()), str(file))
+                items, empty[str(file.relative_to(folder))] = _muse_rows(split, json.loads(file.read_text()), str(file))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        splits[split] = rows[:limit]
-    return splits
+            rows += items
+        splits[split] = rows
+    _warn_empty(empty)
+    return _muse_limit(splits, limit)
 
 
 def _muse_hub(dataset_id: str, limit: int | None) -> dict[str, list[dict[str, Any]]]:
     import datasets
 
-    splits = {}
+    splits, empty = {}, {}
     for split, (_, config_name, hub_splits) in MUSE_FILES.items():
         rows: list[dict[str, Any]] = []
         for hub_split in hub_splits:
@@ -193,9 +241,12 @@ def _muse_hub(dataset_id: str, limit: int | None) -> dict[str, list[dict[str, An
             except Exception as exc:  # network, missing config, auth: all reported as one line
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError(f"cannot load {dataset_id}/{config_name}/{hub_split} from the hub: {first}") from None
-            rows += _muse_rows(split, raw, f"{dataset_id}/{config_name}/{hub_split}")
-        splits[split] = rows[:limit]
-    return splits
+            where = f"{dataset_id}/{config_name}/{hub_split}"
+            items, empty[where] = _muse_rows(split, raw, where)
+            rows += items
+        splits[split] = rows
+    _warn_empty(empty)
+    return _muse_limit(splits, limit)
 
 
 def embedded_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
@@ -232,7 +283,7 @@ def load_splits(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
     overlap = sum((r["question"], r["answer"]) in retain_pairs for r in splits["forget"])
     if overlap:
         log.warning("%s: %d forget items also appear in the retain set", forget_source, overlap)
-    return {split: splits[split] for split in OUTPUT_SPLITS}
+    return {split: splits[split] for split in (*OUTPUT_SPLITS, "holdout") if split in splits}
 
 
 def _texts(splits: dict[str, list[dict[str, Any]]]):
@@ -283,16 +334,18 @@ def load_pretrained_tokenizer(model: ModelConfig):
         raise ConfigError(f"cannot load the tokenizer of {name}: {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.template == "chat" and not tokenizer.chat_template:
+        raise ConfigError(f"model.template=chat, but the tokenizer of {name} has no chat template")
     return tokenizer
 
 
-def _gold_mask(offsets: list[tuple[int, int]], spans: list[dict[str, int]]) -> np.ndarray:
-    """Per answer token: does it overlap a span? Offsets index ' ' + answer, spans index answer."""
+def _gold_mask(offsets: list[tuple[int, int]], spans: list[dict[str, int]], lead: int = 1) -> np.ndarray:
+    """Per answer token: does it overlap a span? Offsets index the answer after `lead` characters, spans the answer."""
     if not offsets:
         return np.zeros(0, dtype=bool)
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    starts = np.array([s["start"] for s in spans], dtype=np.int64) + 1
-    ends = np.array([s["end"] for s in spans], dtype=np.int64) + 1
+    starts = np.array([s["start"] for s in spans], dtype=np.int64) + lead
+    ends = np.array([s["end"] for s in spans], dtype=np.int64) + lead
     return ((off[:, :1] < ends[None, :]) & (off[:, 1:] > starts[None, :])).any(axis=1)
 
 
@@ -319,19 +372,22 @@ def _row(split: str, doc_id: str, r: dict[str, Any], input_ids: list[int], answe
 
 
 def _encode_qa(tokenizer, bos: list[int], split: str, picked: list, width: int) -> list[dict[str, Any]]:
-    prompts = tokenizer([prompt_text(r["question"]) for _, r in picked], add_special_tokens=False)["input_ids"]
+    prompts = encode_prompts(tokenizer, [r["question"] for _, r in picked])
     need_offsets = any(r["gold_spans"] for _, r in picked)
+    lead = len(answer_text(tokenizer, ""))  # offsets index the answer as it follows the prompt, spans the answer
     answers = tokenizer(
-        [" " + r["answer"] for _, r in picked], add_special_tokens=False, return_offsets_mapping=need_offsets
+        [answer_text(tokenizer, r["answer"]) for _, r in picked], add_special_tokens=False,
+        return_offsets_mapping=need_offsets,
     )
     rows = []
     for k, (i, r) in enumerate(picked):
-        prompt, answer = bos + prompts[k], answers["input_ids"][k]
+        prompt, answer = prompts[k], answers["input_ids"][k]
         input_ids = [*prompt, *answer, tokenizer.eos_token_id]
         gold = None
         if r["gold_spans"]:
             mask = np.zeros(len(input_ids), dtype=bool)
-            mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(answers["offset_mapping"][k], r["gold_spans"])
+            offsets = answers["offset_mapping"][k]
+            mask[len(prompt) : len(prompt) + len(answer)] = _gold_mask(offsets, r["gold_spans"], lead)
             gold = mask.tolist()
         rows.append(_row(split, f"{split}/{i:0{width}d}", r, input_ids, len(prompt), gold))
     return rows
@@ -369,7 +425,8 @@ def prepare(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
         tokenizer = train_tokenizer(splits, cfg.model.vocab_size)
     else:
         tokenizer = load_pretrained_tokenizer(cfg.model)
-    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    tokenizer.prompt_format = PromptFormat(cfg.model.template, cfg.model.system_prompt)
+    save_tokenizer(tokenizer, out / TOKENIZER_DIR)
     table = encode_documents(tokenizer, splits)
     write_table(table, out / "documents.parquet")
 

@@ -3,6 +3,8 @@
 - results.md: one row per model, the key metrics as columns.
 - pareto.png: forget quality against model utility (TOFU), or VerbMem against KnowMem-retain (MUSE), one point per
   unlearned model and run, the target and retain models as references, the Pareto front of the unlearned models drawn.
+- curves.png: model utility against each forget axis, one line per method (mean over seeds, a band for the
+  spread), the target and retain models as markers; written when some model was evaluated at several steps.
 - selection.html: the forget documents as tokens, SU's selection highlighted (seeds darker), each token's
   score_diff, p_a and p_b on hover.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import pyarrow as pa
 
 from schemas import read_table
 from stages.common import log
+from stages.curves import AXES, UTILITY, Curve, Matched, curves_from_metrics, matched_table
 
 REFERENCE_MODELS = ("target", "retain")
 # (x, y, y higher is better, log y): TOFU first; the first pair that every run has is plotted
@@ -28,7 +32,7 @@ PARETO_AXES = (("model_utility", "forget_quality", True, True), ("knowmem_r", "v
 RESULT_COLUMNS = (
     "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "forget_fact_recall", "retain_fact_recall",
     "forget_truth_ratio", "exact_memorization", "extraction_strength", "verbmem_f", "knowmem_f", "knowmem_r",
-    "privleak",
+    "privleak", "tofu_privleak",
 )  # fmt: skip
 SELECTION_DOCS = 60  # forget documents shown in selection.html
 
@@ -42,10 +46,10 @@ class Run:
 
 
 def wide(metrics: pa.Table) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for r in metrics.to_pylist():
-        out.setdefault(r["model"], {})[r["metric"]] = r["value"]
-    return out
+    """model -> metric -> value at each model's last step."""
+    from stages.evaluate import final_metrics
+
+    return final_metrics(metrics)
 
 
 def results_markdown(metrics: dict[str, dict[str, float]]) -> str:
@@ -63,7 +67,8 @@ def results_markdown(metrics: dict[str, dict[str, float]]) -> str:
         "",
         "Higher is better: forget_quality (KS p-value against the retain model), model_utility, retain_*, knowmem_r. "
         "Lower is better on the forget set: forget_rouge, forget_fact_recall, exact_memorization, "
-        "extraction_strength, verbmem_f, knowmem_f. privleak: near 0 is best. Definitions: docs/metrics.md.",
+        "extraction_strength, verbmem_f, knowmem_f. privleak, tofu_privleak: near 0 is best. "
+        "Definitions: docs/metrics.md.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -192,6 +197,11 @@ def write_reports(out: Path, inputs: dict[str, Path], metrics: pa.Table, runs: l
     written.append("results.md")
     if plot_pareto(runs or [Run("", wide(metrics))], out / "pareto.png"):
         written.append("pareto.png")
+    curves, references = curves_from_metrics(metrics.to_pylist())
+    if any(len(c.steps) > 2 for c in curves) and plot_curves(curves, references, out / "curves.png"):
+        written.append("curves.png")
+        with open(out / "results.md", "a") as fh:
+            fh.write("\n" + matched_markdown(matched_table(curves, AXES, references.get("retain"))))
     if "masks" in inputs and "scores" in inputs:
         page = selection_html(inputs["prepare"], inputs["masks"], inputs["scores"])
         (out / "selection.html").write_text(page)
@@ -222,9 +232,130 @@ def gather_runs(root: Path) -> list[Run]:
     return runs
 
 
-def report_from_artifacts(evaluate_dir: Path, root: Path, out: Path) -> list[str]:
-    """`sunlearn report`: the reports of one evaluate artifact, its pareto plot over every run under `root`."""
-    manifest = _manifest(evaluate_dir)
-    inputs = {k: Path(v) for k, v in manifest.get("inputs", {}).items()}
+def report_from_artifacts(
+    evaluate_dir: Path, root: Path, out: Path, inputs: dict[str, Path] | None = None
+) -> list[str]:
+    """`sunlearn report`: the reports of one evaluate artifact, its pareto plot over every run under `root`.
+
+    `inputs` (upstream stage -> folder) defaults to the folders its manifest names, which are the building node's."""
+    if inputs is None:
+        inputs = {k: Path(v) for k, v in _manifest(evaluate_dir).get("inputs", {}).items()}
     out.mkdir(parents=True, exist_ok=True)
     return write_reports(out, inputs, read_table(Path(evaluate_dir) / "metrics.parquet"), gather_runs(root))
+
+
+def format_table(metrics: Any) -> str:
+    """A wide text table of a metrics table (pyarrow, polars or records) at each model's last step: models as rows,
+    the report's columns first."""
+    from stages.evaluate import final_metrics
+
+    records = metrics if isinstance(metrics, list) else (
+        metrics.to_pylist() if isinstance(metrics, pa.Table) else metrics.to_dicts())
+    by_model = final_metrics(records)
+    seen = list(dict.fromkeys(m for values in by_model.values() for m in values))
+    columns = [c for c in RESULT_COLUMNS if c in seen] + [c for c in seen if c not in RESULT_COLUMNS]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    grid = [["model", *columns]] + [[m, *(cell(v.get(c)) for c in columns)] for m, v in by_model.items()]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
+    lines = [
+        "  ".join(
+            text.ljust(w) if i == 0 else text.rjust(w) for i, (text, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in grid
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+METHOD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                  "tab:olive", "tab:cyan")
+
+
+def plot_curves(curves: list[Curve], references: dict[str, dict[str, float]], path: Path) -> bool:
+    """curves.png: one panel per forget axis with values, model utility against it; False when there is none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = [a for a in AXES.values() if any(np.isfinite(c.values(a.name)).any() for c in curves)]
+    if not axes:
+        return False
+    from matplotlib.ticker import NullFormatter
+
+    columns = min(2, len(axes))
+    rows = math.ceil(len(axes) / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows + 0.6), dpi=100, squeeze=False)
+    panels = grid.ravel()
+    for unused in panels[len(axes):]:
+        unused.set_visible(False)
+    methods = list(dict.fromkeys(c.method for c in curves))
+    for panel, axis in zip(panels, axes, strict=False):
+        for colour, method in zip(METHOD_COLOURS * 4, methods, strict=False):
+            x, y, spread = _mean_curve([c for c in curves if c.method == method], axis.name)
+            if axis.log:
+                x = np.maximum(x, 1e-300)
+            panel.plot(x, y, color=colour, lw=1.6, marker=".", label=method)
+            if np.isfinite(spread).any():
+                upper, lower = y + np.nan_to_num(spread), y - np.nan_to_num(spread)
+                panel.fill(np.concatenate([x, x[::-1]]), np.concatenate([upper, lower[::-1]]), color=colour,
+                           alpha=0.15, lw=0)
+        for name, marker in (("target", "*"), ("retain", "D")):
+            point = references.get(name, {})
+            if _finite(point.get(axis.name)) and _finite(point.get(UTILITY)):
+                panel.scatter(max(point[axis.name], 1e-300) if axis.log else point[axis.name], point[UTILITY],
+                              marker=marker, s=70, color="black", zorder=4, label=name)
+        if axis.log:
+            panel.set_xscale("log")
+            panel.xaxis.set_minor_formatter(NullFormatter())
+        panel.set_xlabel(f"{axis.name} ({'lower' if axis.down else 'higher'} = more forgotten)")
+        panel.set_ylabel(UTILITY)
+        panel.grid(alpha=0.3)
+    handles, labels = panels[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.suptitle("Model utility along each method's unlearning curve (mean over seeds, band: ±1 std)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.6 / (3.6 * rows + 0.6), 1, 0.96))
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _mean_curve(curves: list[Curve], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step position: mean axis value, mean utility and the utility's std over the curves that have it."""
+    length = max(len(c.steps) for c in curves)
+    x = np.full((len(curves), length), np.nan)
+    y = np.full((len(curves), length), np.nan)
+    for i, c in enumerate(curves):
+        x[i, : len(c.steps)], y[i, : len(c.steps)] = c.values(metric), c.values(UTILITY)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step no curve reached is NaN, and is dropped below
+        mean_x, mean_y = np.nanmean(x, 0), np.nanmean(y, 0)
+        spread = np.nanstd(y, 0, ddof=1) if len(curves) > 1 else np.full(length, np.nan)
+    keep = np.isfinite(mean_x) & np.isfinite(mean_y)
+    return mean_x[keep], mean_y[keep], spread[keep]
+
+
+def matched_markdown(rows: list[Matched]) -> str:
+    """The matched comparison as a markdown table: per axis and level, each method's utility there."""
+    if not rows:
+        return ""
+    lines = [
+        "## Model utility at matched forgetting",
+        "",
+        "Each method's model utility where its curve first reaches the level (interpolated between snapshots), "
+        "mean ± std over the curves that reach it; n = curves that reach it / curves. Levels: the strongest "
+        "forgetting every curve reaches (common), and the retain model's own value (retain).",
+        "",
+        "| axis | level | value | method | model_utility | n | step |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        utility = "not reached" if r.n == 0 else (
+            f"{_cell(r.mean)} ± {_cell(r.std)}" if math.isfinite(r.std) else _cell(r.mean))
+        step = f"{r.step:.1f}" if math.isfinite(r.step) else "–"
+        lines.append(f"| {r.axis} | {r.level_name} | {_cell(r.level)} | {r.method} | {utility} | "
+                     f"{r.n}/{r.total} | {step} |")
+    return "\n".join(lines) + "\n"

@@ -2,8 +2,8 @@
 
 Both sort items by length so a batch holds similar lengths, and return results in the input order.
 Scoring pads on the right (causal attention never looks ahead, so padding cannot change a score);
-generation pads on the left so every row's next token sits in the last column, and stops a row at EOS or at a stop
-string (KnowMem's "\n\n" and "Question"), cutting the text before the stop string.
+generation pads on the left so every row's next token sits in the last column, and drops a row from its batch once it
+has emitted EOS or a stop string (KnowMem's "\n\n" and "Question"), cutting the text before the stop string.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.common import encode_qa
+from stages.common import encode_prompts, encode_qa
 
 
 @dataclass
@@ -31,9 +31,8 @@ class AnswerScores:
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
-    """The prompt exactly as encode_qa tokenizes it for training (BOS included when the tokenizer adds one)."""
-    ids, answer_start = encode_qa(tokenizer, question, "")
-    return ids[:answer_start]
+    """The prompt exactly as encode_qa tokenizes it for training, in the tokenizer's prompt format."""
+    return encode_prompts(tokenizer, [question])[0]
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
@@ -99,39 +98,59 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy continuation of each prompt (token ids), cut at EOS or before the first stop string, decoded without
     special tokens."""
-    from transformers import GenerationConfig
+    eos = tokenizer.eos_token_id
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        bos_token_id=None,
-        stop_strings=list(stop_strings) or None,
-    )
+    def stopped(tokens: list[int]) -> bool:
+        return any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
+
     texts = [""] * len(prompts)
-    device = model.device
     for idx in _batches([len(p) for p in prompts], batch_size):
-        width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        new = greedy_tokens(model, [prompts[i] for i in idx], max_new_tokens, eos, tokenizer.pad_token_id,
+                            stopped if stop_strings else None)
         for row, i in enumerate(idx):
-            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]) :] = 1
-        # generate() stops as soon as every row has produced EOS and fills finished rows with pad
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=config,
-            tokenizer=tokenizer if stop_strings else None,
-        )
-        new = out[:, width:].cpu()
-        finished = new == eos
-        ends = torch.where(finished.any(1), finished.int().argmax(1), new.shape[1])
-        for row, i in enumerate(idx):
-            texts[i] = cut_at(tokenizer.decode(new[row, : ends[row]].tolist(), skip_special_tokens=True), stop_strings)
+            texts[i] = cut_at(tokenizer.decode(new[row], skip_special_tokens=True), stop_strings)
     return texts
+
+
+def greedy_tokens(model, prompts: Sequence[list[int]], max_new_tokens: int, eos: int, pad: int, stopped=None
+                  ) -> list[list[int]]:
+    """Each prompt's greedy new tokens before its EOS, as generate() computes them (left padding, positions from the
+    attention mask, a KV cache, float32 argmax of the last position), except that a row leaves the batch once it has
+    emitted EOS, or once `stopped(tokens)` holds: the rows left compute what they would have, and cost only theirs."""
+    from transformers import DynamicCache
+
+    device = model.device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention[row, width - len(prompt) :] = 1
+    ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    cache = DynamicCache(config=model.config)
+    out = torch.full((n, max_new_tokens), eos, dtype=torch.long)  # a row's text ends at its first EOS
+    live = torch.arange(n)  # rows of `out` still generating
+    for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        next_tokens = logits[:, -1].float().argmax(-1)
+        out[live, step] = next_tokens.cpu()
+        finished = (next_tokens == eos).cpu()
+        if stopped is not None:
+            finished |= torch.tensor([stopped(out[row, : step + 1].tolist()) for row in live.tolist()])
+        if bool(finished.all()):
+            break
+        if bool(finished.any()):
+            keep = torch.nonzero(~finished).squeeze(1)
+            cache.batch_select_indices(keep.to(device))
+            live, next_tokens = live[keep], next_tokens[keep.to(device)]
+            attention, positions = attention[keep.to(device)], positions[keep.to(device)]
+        ids = next_tokens[:, None]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+    ends = torch.where((out == eos).any(1), (out == eos).int().argmax(1), max_new_tokens)
+    return [out[row, : ends[row]].tolist() for row in range(n)]
 
 
 def cut_at(text: str, stop_strings: Sequence[str]) -> str:

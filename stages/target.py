@@ -2,7 +2,8 @@
 
 With no `model.name`, both are tiny Llama models trained from scratch with the same recipe (loss on answer tokens
 only): `target` on forget + retain + real_authors + world_facts, `retain` on everything but forget. With a
-`model.name`, the target is that model as is, and the retain model is `model.retain_name` (or absent).
+`model.name` and `target.finetune`, both are fine-tuned from it (stages/finetune.py); without `target.finetune`, the
+target is that model as is, and the retain model is `model.retain_name` (or absent).
 Writes out/target, out/retain (each a save_pretrained folder with the tokenizer) and train_log.parquet.
 """
 
@@ -179,6 +180,10 @@ def train_target(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, A
     prepare_dir = Path(inputs["prepare"])
     tokenizer = load_tokenizer(prepare_dir)
     stats: dict[str, Any] = {}
+    if cfg.model.name is not None and cfg.target.finetune:
+        from stages.finetune import finetune
+
+        return finetune(cfg, inputs, out)
     if cfg.model.name is None:
         device = pick_device()
         rows: list[dict[str, Any]] = []

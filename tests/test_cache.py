@@ -1,11 +1,13 @@
-"""The artifact cache: atomic publication, manifests with checksums, stale temp folders."""
+"""The artifact cache: atomic publication, manifests with checksums, stale temp folders on a root shared by nodes."""
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
-from pipeline.cache import MANIFEST, ArtifactCache
+from pipeline.cache import HEARTBEAT, MANIFEST, ArtifactCache, temp_dir, temp_owner
 
 
 def test_build_publishes_files_with_manifest_last(tmp_path):
@@ -41,14 +43,71 @@ def test_failed_stage_leaves_nothing(tmp_path):
 
 
 def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
-    cache = ArtifactCache(tmp_path)
-    stale = tmp_path / "masks" / ".tmp-abc-999999999-ffffff"
+    cache = ArtifactCache(tmp_path, host="node-a")
+    stale = tmp_path / "masks" / ".tmp-abc-node-a-999999999-ffffff"
     stale.mkdir(parents=True)
-    live = tmp_path / "masks" / f".tmp-abc-{os.getpid()}-eeeeee"
+    live = tmp_path / "masks" / f".tmp-abc-node-a-{os.getpid()}-eeeeee"
     live.mkdir()
     cache.build(cache.entry("masks", "abc"), lambda tmp: None, {})
     assert not stale.exists()
     assert live.exists()
+
+
+def test_temp_folder_names_carry_host_and_pid(tmp_path):
+    tmp = temp_dir(tmp_path, "0123abcd", host="gpu-node-07.cluster")
+    assert tmp.name.startswith(".tmp-0123abcd-gpu-node-07.cluster-")
+    assert temp_owner(tmp) == ("gpu-node-07.cluster", os.getpid())
+    assert temp_owner(tmp_path / ".tmp-abc-999-ffffff") is None  # the old layout names no host
+
+
+def test_another_hosts_build_is_kept_until_its_heartbeat_is_older_than_the_lease(tmp_path):
+    """On shared storage a pid from node-b means nothing on node-a: only the heartbeat tells node-b's build is dead."""
+    node_a = ArtifactCache(tmp_path, host="node-a", lease_seconds=60)
+    stage_dir = tmp_path / "masks"
+    dead_pid_here = 999999999  # no such process on this machine; node-b's build may still be running
+    fresh = stage_dir / f".tmp-abc-node-b-{dead_pid_here}-aaaaaa"
+    expired = stage_dir / f".tmp-def-node-b-{dead_pid_here}-bbbbbb"
+    for folder in (fresh, expired):
+        folder.mkdir(parents=True)
+        (folder / HEARTBEAT).touch()
+    old = time.time() - 120
+    os.utime(expired / HEARTBEAT, (old, old))
+    node_a.clean_stale(stage_dir)
+    assert fresh.exists()
+    assert not expired.exists()
+
+
+def test_a_running_build_refreshes_its_heartbeat_and_survives_another_nodes_clean(tmp_path):
+    node_b = ArtifactCache(tmp_path, host="node-b", heartbeat_seconds=0.05, lease_seconds=60)
+    node_a = ArtifactCache(tmp_path, host="node-a", lease_seconds=60)
+    entry = node_b.entry("masks", "abc")
+    started, release = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def produce(tmp):
+        beat = tmp / HEARTBEAT
+        first = beat.stat().st_mtime_ns
+        old = time.time() - 3600  # as if the last beat were an hour ago: only a refresh brings it back
+        os.utime(beat, (old, old))
+        started.set()
+        deadline = time.monotonic() + 30
+        while beat.stat().st_mtime_ns <= first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["refreshed"] = beat.stat().st_mtime_ns > first
+        release.wait(30)
+        (tmp / "x.txt").write_text("done")
+
+    builder = threading.Thread(target=lambda: seen.update(manifest=node_b.build(entry, produce, {})))
+    builder.start()
+    assert started.wait(30)
+    while "refreshed" not in seen:
+        time.sleep(0.01)
+    node_a.clean_stale(tmp_path / "masks")  # node-a cannot see node-b's pid; the fresh heartbeat keeps the build
+    assert list((tmp_path / "masks").glob(".tmp-abc-node-b-*"))
+    release.set()
+    builder.join(30)
+    assert seen["refreshed"] and entry.is_complete()
+    assert set(seen["manifest"]["files"]) == {"x.txt"} and not (entry.path / HEARTBEAT).exists()
 
 
 def test_quick_verify_catches_changed_files_and_verify_all_fixes(tmp_path):

@@ -13,7 +13,8 @@ import torch
 from schemas import DOCUMENTS, read_table, write_table
 from stages.common import TOKENIZER_DIR, encode_qa
 from stages.config import Config
-from stages.evaluate import TOFU_METRICS, evaluate, format_table
+from stages.evaluate import TOFU_METRICS, evaluate
+from stages.reports import format_table
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 AUTHORS = ["Ana Reyes", "Bo Lindqvist", "Chen Wei", "Dara Okafor", "Eli Moreau", "Femi Adeyemi"]
@@ -188,9 +189,10 @@ def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepar
     assert set(stats["summary"]) == set(models)
 
     values = {(r["model"], r["metric"]): r["value"] for r in read_table(out / "metrics.parquet").to_pylist()}
-    assert set(values) == {(m, n) for m in models for n in TOFU_METRICS}
+    without_holdout = set(TOFU_METRICS) - {"tofu_privleak"}  # the embedded set has no holdout questions
+    assert set(values) == {(m, n) for m in models for n in without_holdout}
     for (model, name), value in values.items():
-        assert 0.0 <= value <= 1.0, (model, name)
+        assert 0.0 <= value <= (math.inf if name.endswith("_nll") else 1.0), (model, name)
         assert value == values[("target", name)] or model in ("target", "retain")  # same weights, same numbers
     assert values[("retain", "forget_quality")] == pytest.approx(1.0)  # KS of a sample against itself
     assert stats["summary"]["target"]["model_utility"] == values[("target", "model_utility")]
@@ -198,9 +200,9 @@ def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepar
     documents = read_table(prepared_micro / "documents.parquet", columns=["split"])["split"].to_pylist()
     sizes = {s: documents.count(s) for s in ("forget", "eval_retain", "real_authors", "world_facts")}
     assert all(sizes.values())
-    items = read_table(out / "item_scores.parquet").to_pylist()
+    items = [r for r in read_table(out / "item_scores.parquet").to_pylist() if r["item"] == "prob"]
     assert len(items) == len(models) * sum(sizes.values())
-    forget_probs = [r["prob"] for r in items if r["model"] == "retain" and r["split"] == "forget"]
+    forget_probs = [r["value"] for r in items if r["model"] == "retain" and r["split"] == "forget"]
     assert values[("retain", "forget_prob")] == pytest.approx(np.mean(forget_probs))
 
     lines = format_table(read_table(out / "metrics.parquet")).splitlines()
@@ -211,7 +213,7 @@ def test_evaluate_on_micro_writes_every_metric_for_every_model(micro_cfg, prepar
 def test_evaluate_uses_first_retain_rows_without_eval_retain(stage_inputs, tmp_path):
     stats = evaluate(_config(["su"]), stage_inputs, tmp_path)
     assert stats["models"] == ["target", "retain", "su"]
-    items = read_table(tmp_path / "item_scores.parquet").to_pylist()
+    items = [r for r in read_table(tmp_path / "item_scores.parquet").to_pylist() if r["item"] == "prob"]
     retain_rows = [r["doc_id"] for r in items if r["model"] == "target" and r["split"] == "eval_retain"]
     assert retain_rows == ["retain-4", "retain-5", "retain-6"]
     # the target memorised its answers, the untrained "su" did not: generations and ROUGE are wired to the answer
@@ -246,16 +248,16 @@ def test_stop_strings_cut_generations_batched_as_one_at_a_time(model, tokenizer)
 def test_each_model_is_evaluated_once_per_eval_set(stage_inputs, tmp_path):
     import shutil
 
-    from stages.evaluate import context_key
+    from stages.evaluate.cache import context_key
 
-    root = tmp_path / "artifacts"  # the cache lives under the artifact root: <root>/eval_cache
+    root = tmp_path / "artifacts"
     inputs = {}
     for name, path in stage_inputs.items():
         inputs[name] = root / name / "fingerprint"
         shutil.copytree(path, inputs[name])
-    first = evaluate(_config(["su"]), inputs, tmp_path / "first")
+    first = evaluate(_config(["su"]), inputs, tmp_path / "first", eval_cache=root / "eval_cache")
     assert first["cache_hits"] == 0
-    second = evaluate(_config(["su", "graddiff"]), inputs, tmp_path / "second")
+    second = evaluate(_config(["su", "graddiff"]), inputs, tmp_path / "second", eval_cache=root / "eval_cache")
     n_sets = len(second["eval_sets"])
     assert second["cache_hits"] == 3 * n_sets  # target, retain and su come from the cache; graddiff is new
     assert len(list((root / "eval_cache").iterdir())) == 4  # one folder per distinct set of weights
@@ -271,25 +273,28 @@ def test_each_model_is_evaluated_once_per_eval_set(stage_inputs, tmp_path):
 
 
 def test_fact_recall_counts_the_swapped_words(model, tokenizer):
-    from stages.evaluate import SPLITS, evaluate_split, fact_words
+    from stages.evaluate.stage import _items_for
+    from stages.evaluate.tofu import FACT_RECALL, QA_SETS, fact_words, run_qa
 
     rows = [{**_qa(i), "doc_id": f"forget-{i}", "gold_spans": None} for i in range(4)]
     # the perturbed answers swap the genre, so the genre words are the facts ("mystery novels" -> mysteri, novel)
     assert fact_words(rows[0]) == ["mysteri", "novel"]
-    cfg = _config(["su"])
-    cfg.evaluate.max_new_tokens = 24  # long enough to reach the genre at the end of the answer
-    memorised = evaluate_split(model, tokenizer, rows, cfg, SPLITS[0])
-    untrained = evaluate_split(_tiny_llama(tokenizer, seed=2, train_steps=0), tokenizer, rows, cfg, SPLITS[0])
-    assert np.mean(memorised["fact_recall"]) > 0.5 > np.mean(untrained["fact_recall"])
-    assert {"exact_memorization", "extraction_strength"} <= set(memorised)
-    retain = evaluate_split(model, tokenizer, rows, cfg, SPLITS[1])
-    assert "fact_recall" in retain and "exact_memorization" not in retain  # memorisation: forget set only
+    # 24 new tokens: long enough to reach the genre at the end of the answer
+    memorised = FACT_RECALL.fn(run_qa(model, tokenizer, rows, QA_SETS[0], max_new_tokens=24, batch_size=4))
+    untrained_model = _tiny_llama(tokenizer, seed=2, train_steps=0)
+    untrained = FACT_RECALL.fn(run_qa(untrained_model, tokenizer, rows, QA_SETS[0], max_new_tokens=24, batch_size=4))
+    assert np.mean(memorised) > 0.5 > np.mean(untrained)
+    forget_items = {i.name for i in _items_for("forget")}
+    retain_items = {i.name for i in _items_for("eval_retain")}
+    assert {"fact_recall", "exact_memorization", "extraction_strength"} <= forget_items
+    assert "fact_recall" in retain_items and "exact_memorization" not in retain_items  # memorisation: forget only
 
 
 def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
     import json
 
-    from stages.evaluate import read_retain_logs, summarise
+    from stages.evaluate import summarise
+    from stages.evaluate.retain_logs import read_retain_logs
 
     ratios = [0.2, 0.5, 0.9]
     log_file = tmp_path / "TOFU_EVAL.json"  # open-unlearning's format
@@ -303,12 +308,26 @@ def test_retain_model_log_stands_in_for_a_missing_retain_model(tmp_path):
     assert reference["privleak_auc"] == 0.6
 
     forget = {"truth_ratio": np.array(ratios), "prob": np.ones(3), "rouge": np.ones(3),
-              "fact_recall": np.ones(3), "exact_memorization": np.ones(3), "extraction_strength": np.ones(3)}
+              "fact_recall": np.ones(3), "exact_memorization": np.ones(3), "extraction_strength": np.ones(3),
+              "fact_nll": np.ones(3), "template_nll": np.ones(3)}
     privleak = {"privleak_forget": {"min_k": np.array([1.0, 2.0])}, "privleak_holdout": {"min_k": np.array([1.5, 3.0])}}
-    per_model = {"target": {"forget": forget, **privleak}}
+    per_model = {("target", 0): {"forget": forget, **privleak}}
     sets = dict.fromkeys(["forget", "privleak_forget", "privleak_holdout"])
-    values = summarise(per_model, sets, str(log_file))["target"]
+    values = summarise(per_model, sets, str(log_file))[("target", 0)]
     assert values["forget_quality"] == pytest.approx(1.0)  # the same truth ratios as the retain model's log
     # AUC 3/4 against the log's 0.6: ((0.25) - (0.4)) / 0.4 * 100
     assert values["privleak"] == pytest.approx(-37.5)
-    assert math.isnan(summarise(per_model, sets)["target"]["forget_quality"])  # neither retain model nor log
+    assert math.isnan(summarise(per_model, sets)[("target", 0)]["forget_quality"])  # neither retain model nor log
+
+
+def test_gold_nll_splits_answer_tokens_into_facts_and_template():
+    from stages.evaluate.tofu import QAPasses, gold_nll
+
+    rows = [{"answer_start": 2, "gold": [False, True, True, False, True, False]},  # answer: 4 tokens, EOS last
+            {"answer_start": 1, "gold": None}]
+    logprobs = [np.log(np.array([0.5, 0.25, 0.8, 0.9])), np.log(np.array([0.5, 0.5]))]
+    passes = QAPasses(rows, np.zeros(2), np.zeros(2), np.zeros((2, 0)), [], logprobs, ["", ""])
+    facts, template = gold_nll(passes, gold=True), gold_nll(passes, gold=False)
+    assert facts[0] == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2)  # answer positions 0 and 2 are gold
+    assert template[0] == pytest.approx(-np.log(0.25))  # position 1; EOS (position 3) counts for neither
+    assert np.isnan(facts[1]) and np.isnan(template[1])  # no gold marked

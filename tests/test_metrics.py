@@ -94,8 +94,8 @@ def test_model_utility_is_harmonic_mean_and_zero_if_any_input_is_zero():
 def test_exact_memorisation_and_extraction_strength():
     hits = [np.array([True, False, True, True]), np.array([True, True, True]), np.array([True, True, False])]
     np.testing.assert_allclose(M.exact_memorization(hits), [0.75, 1.0, 2 / 3])
-    # k* = 2, 0, 3 → 1 - k*/|y|
-    np.testing.assert_allclose(M.extraction_strength(hits), [0.5, 1.0, 0.0])
+    # k* = 2, 0, 3 → 1 - k*/|y|; with no matching suffix open-unlearning's k* stops at |y| - 1
+    np.testing.assert_allclose(M.extraction_strength(hits), [0.5, 1.0, 1 / 3])
 
 
 def test_rouge_l_f1_is_harmonic_mean_of_lcs_precision_and_recall():

@@ -114,7 +114,8 @@ def test_muse_suite_runs_on_the_folder(muse_cfg, prepared, tmp_path):
         assert not math.isnan(values[(model, "privleak")])
     assert values[("su", "privleak")] == values[("target", "privleak")]  # same weights
     items = read_table(out / "item_scores.parquet").to_pylist()
-    knowmem = [r for r in items if r["split"] == "knowmem_forget"]
-    assert knowmem and not any("\n\n" in r["generation"] or "Question" in r["generation"] for r in knowmem)
-    assert all(r["min_k"] > 0 for r in items if r["split"].startswith("privleak"))
+    knowmem = [r["text"] for r in items if r["split"] == "knowmem_forget" and r["item"] == "generation"]
+    assert knowmem and not any("\n\n" in text or "Question" in text for text in knowmem)
+    min_k = [r["value"] for r in items if r["split"].startswith("privleak") and r["item"] == "min_k"]
+    assert min_k and all(v > 0 for v in min_k)
     assert (out / "results.md").is_file() and (out / "pareto.png").is_file()

@@ -22,13 +22,16 @@ def _ran(summary):
 @pytest.fixture(scope="module")
 def micro_root(tmp_path_factory, prefect_harness):
     root = tmp_path_factory.mktemp("artifacts")
-    first = pipeline_flow(preset="micro", artifacts=str(root))
+    state = pipeline_flow(preset="micro", artifacts=str(root), return_state=True)
+    first = state.result()
+    first["flow_run_id"] = state.state_details.flow_run_id
     return root, first
 
 
 def test_micro_flow_runs_end_to_end(micro_root):
     root, first = micro_root
     assert _ran(first) == ORDER
+    assert [s["name"] for s in first["stages"]] == ORDER
     models = {m["model"] for m in first["metrics"]}
     assert models == {"target", "retain", "su", "graddiff"}
     names = {m["metric"] for m in first["metrics"]}
@@ -36,6 +39,27 @@ def test_micro_flow_runs_end_to_end(micro_root):
                    "forget_truth_ratio"):
         assert metric in names
     assert all(ArtifactCache(root).entry(s["name"], s["fingerprint"]).verify() == [] for s in first["stages"])
+
+
+def test_independent_stages_overlap_and_the_graph_shows_the_dag(micro_root):
+    """From the API's task runs: target ran while assistants ran, and each stage waited on exactly its upstream."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from pipeline.dag import STAGES
+
+    _, first = micro_root
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]])))
+    by_name = {run.name: run for run in runs}
+    assert set(by_name) == set(ORDER)
+    target, assistants = by_name["target"], by_name["assistants"]
+    assert target.start_time < assistants.end_time and assistants.start_time < target.end_time
+    assert by_name["prepare"].end_time <= min(target.start_time, assistants.start_time)
+    ids = {run.id: name for name, run in by_name.items()}
+    for name, run in by_name.items():
+        waited = {ids[dep.id] for dep in run.task_inputs.get("wait_for", [])}
+        assert waited == set(STAGES[name].upstream), name
 
 
 def test_second_run_recomputes_nothing(micro_root):
@@ -49,7 +73,8 @@ def test_second_run_recomputes_nothing(micro_root):
 
 def test_gamma_change_recomputes_only_masks_unlearn_evaluate(micro_root):
     root, _ = micro_root
-    changed = pipeline_flow(preset="micro", overrides=["masks.gamma=0.2"], artifacts=str(root))
+    # a γ no other test of this module runs, so the outcome does not depend on test order
+    changed = pipeline_flow(preset="micro", overrides=["masks.gamma=0.15"], artifacts=str(root))
     assert _ran(changed) == ["masks", "unlearn", "evaluate"]
 
 

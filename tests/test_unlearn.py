@@ -169,14 +169,14 @@ def test_divergence_guard_names_the_fix_and_writes_no_model(tiny, tmp_path):
         check_divergence("npo", 7, math.nan, 1.0, 1.0, u)
 
 
-def write_masks(prepare_dir, masks_dir) -> None:
-    """A selection on every third answer token of each forget document."""
+def write_masks(prepare_dir, masks_dir, every: int = 3) -> None:
+    """A selection on every `every`-th answer token of each forget document."""
     forget = load_split(load_documents(prepare_dir), "forget")
     lengths = np.array([len(x) for x in forget.input_ids])
     doc = np.repeat(np.array(forget.doc_ids, dtype=object), lengths)
     position = np.concatenate([np.arange(n) for n in lengths])
     in_answer = position >= np.repeat(forget.answer_start, lengths)
-    selected = in_answer & (position % 3 == 0)
+    selected = in_answer & (position % every == 0)
     table = pa.table(
         {"doc_id": doc, "position": position, "selected": selected, "seed": selected, "in_answer": in_answer,
          "gold": pa.nulls(len(doc), pa.bool_())}
@@ -220,6 +220,25 @@ def test_unlearn_on_micro_writes_models_and_log(micro_cfg, micro_inputs, tmp_pat
         assert sum(p.numel() for p in model.parameters()) > 0
         assert stats[name]["steps"] == (log["model"] == name).sum() > 0
         assert math.isfinite(stats[name]["forget_loss"]) and stats[name]["peak_memory_mb"] > 0
+
+
+def test_su_trains_on_the_mask_it_is_given(micro_cfg, micro_inputs, tmp_path):
+    """With every answer token selected su's loss is graddiff's, so are its weights; with every third, they differ."""
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.methods = ["su", "graddiff"]
+    every_token = tmp_path / "every_token"
+    write_masks(micro_inputs["prepare"], every_token, every=1)
+    weights = {}
+    for name, masks in (("third", micro_inputs["masks"]), ("all", every_token)):
+        unlearn(cfg, {**micro_inputs, "masks": masks}, tmp_path / name)
+        weights[name] = {m: load_file(tmp_path / name / m / "model.safetensors") for m in cfg.unlearn.methods}
+
+    def gap(a: dict, b: dict) -> float:
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    assert gap(weights["all"]["su"], weights["all"]["graddiff"]) < 1e-6
+    assert gap(weights["third"]["su"], weights["third"]["graddiff"]) > 1e-4
+    assert gap(weights["third"]["graddiff"], weights["all"]["graddiff"]) < 1e-6  # graddiff ignores the mask
 
 
 def test_keeping_the_reference_model_trains_the_same_weights(micro_cfg, micro_inputs, tmp_path):
@@ -316,3 +335,23 @@ def test_a_failed_multi_node_launch_names_the_launcher(micro_cfg, micro_inputs, 
     with pytest.raises(RuntimeError, match=r"unlearn: DeepSpeed's launcher with .*hostfile exited with [1-9]"):
         unlearn(cfg, micro_inputs, tmp_path / "out")
     assert not any((tmp_path / "out").glob("*/model.safetensors"))
+
+
+def test_methods_are_trained_once_per_their_own_settings(micro_cfg, micro_inputs, tmp_path):
+    """Adding a method trains only it; another mask retrains only the methods that read one."""
+    cache = tmp_path / "method_cache"
+    cfg = copy.deepcopy(micro_cfg)
+    cfg.unlearn.methods = ["su"]
+    first = unlearn(cfg, micro_inputs, tmp_path / "first", method_cache=cache)
+    cfg.unlearn.methods = ["su", "graddiff"]
+    second = unlearn(cfg, micro_inputs, tmp_path / "second", method_cache=cache)
+    assert not first["su"].get("reused") and second["su"]["reused"] and not second["graddiff"].get("reused")
+    weights = {run: load_file(tmp_path / run / "su" / "model.safetensors") for run in ("first", "second")}
+    assert all(torch.equal(weights["first"][k], weights["second"][k]) for k in weights["first"])
+    log = read_table(tmp_path / "second" / "train_log.parquet").to_pandas()
+    assert log["model"].drop_duplicates().tolist() == ["su", "graddiff"]
+
+    other_mask = tmp_path / "every_token"
+    write_masks(micro_inputs["prepare"], other_mask, every=1)
+    third = unlearn(cfg, {**micro_inputs, "masks": other_mask}, tmp_path / "third", method_cache=cache)
+    assert not third["su"].get("reused") and third["graddiff"]["reused"]  # graddiff reads no mask

@@ -46,17 +46,15 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def world_size() -> int:
-    """The size of the world this process belongs to (1 when no launcher started it)."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+UNLEARN_ENTRY = "stages.unlearn.loop:unlearn_in_process"
 
 
 def launch(
-    config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int, hostfile: str | None = None
+    config: dict[str, Any], inputs: dict[str, Path], out: Path, num_procs: int, hostfile: str | None = None,
+    entry: str = UNLEARN_ENTRY,
 ) -> dict[str, Any]:
-    """Run stages.unlearn.worker in `num_procs` processes per node; returns rank 0's stats.
+    """Run `entry` (module:function of (cfg, inputs, out), the unlearn loop or the fine-tune) through
+    stages.unlearn.worker in `num_procs` processes per node; returns rank 0's stats.
 
     One node: torchrun. Several nodes (`hostfile`, DeepSpeed's format: `host slots=N` per line): DeepSpeed's launcher,
     which starts the ranks over ssh/pdsh; the job folder then sits beside the artifact, on the shared filesystem that
@@ -69,6 +67,7 @@ def launch(
         job = Path(tmp)
         (job / "config.json").write_text(json.dumps(config))
         (job / "inputs.json").write_text(json.dumps({k: str(v) for k, v in inputs.items()}))
+        (job / "entry.txt").write_text(entry)
         if hostfile:
             if not Path(hostfile).is_file():
                 raise FileNotFoundError(f"unlearn.hostfile {hostfile} does not exist")
@@ -85,5 +84,5 @@ def launch(
             raise UnlearnDiverged((job / "diverged.txt").read_text())
         if code != 0:
             launcher = f"DeepSpeed's launcher with {hostfile}" if hostfile else f"torchrun with {num_procs} processes"
-            raise RuntimeError(f"unlearn: {launcher} exited with {code}; see its output above")
+            raise RuntimeError(f"{entry}: {launcher} exited with {code}; see its output above")
         return json.loads((job / "stats.json").read_text())

@@ -2,7 +2,7 @@
 
 Every loss works on per-token log-probs aligned with input positions: `logp[b, t] = log p(x_t | x_<t)` and a bool
 `mask[b, t]` saying which positions count (answer tokens; for selective methods only the selected ones). Definitions
-follow docs/METRICS.md exactly:
+follow docs/metrics.md exactly:
 
     NLL           mean CE over the masked tokens of the whole batch (Hugging Face's `outputs.loss`)
     logπ(y|x)     sum of the masked log-probs of one sequence

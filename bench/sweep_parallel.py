@@ -1,0 +1,43 @@
+"""Sweep fan-out: wall time of a 4-point micro sweep in 2 local worker processes against 1, in one run.
+
+Both runs go through the same path (`pipeline.sweep.in_worker_processes`) on fresh, empty artifact roots, so the
+shared upstream (prepare, target, assistants, scores) is computed once in each and the process start-up is in both.
+The two tables must be equal: the fan-out changes when points run, never what they compute.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import Result, Row
+
+GRID = [[f"masks.gamma={g}", f"unlearn.seed={s}"] for g in ("0.3", "0.5") for s in ("0", "1")]
+
+
+def timed(root: Path, preset: str, overrides: list[str], workers: int) -> tuple[float, list]:
+    from pipeline.sweep import in_worker_processes
+
+    start = time.perf_counter()
+    outcomes = in_worker_processes([[*overrides, *p] for p in GRID], preset, str(root), None, workers)
+    wall = time.perf_counter() - start
+    failed = [o.get("error") for o in outcomes if o["state"] != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"sweep point failed with {workers} workers: {failed[0]}")
+    return wall, [o["metrics"] for o in outcomes]
+
+
+def run(preset: str = "micro", overrides: list[str] | None = None) -> Result:
+    overrides = overrides or []
+    with tempfile.TemporaryDirectory(prefix="sunlearn-bench-sweep-") as tmp:
+        one, one_table = timed(Path(tmp) / "one", preset, overrides, 1)
+        two, two_table = timed(Path(tmp) / "two", preset, overrides, 2)
+    ratio = two / one
+    result = Result("sweep_parallel")
+    result.rows = [Row("sweep, 2 local workers vs 1", f"{len(GRID)}-point {preset} sweep (γ × seed), fresh roots",
+                       f"{two:.1f} s", f"{one:.1f} s", f"{ratio:.3f}", "≤ 0.65")]
+    result.ratios = {"sweep_parallel_2_vs_1": ratio}
+    result.details = {"preset": preset, "overrides": overrides, "points": GRID, "one_worker_seconds": one,
+                      "two_workers_seconds": two, "tables_equal": one_table == two_table}
+    return result

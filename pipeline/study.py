@@ -1,0 +1,448 @@
+"""`sunlearn study FILE`: a study kept as a file, run through the pipeline's cache, written as a results page.
+
+A study file (studies/<name>.yaml) names a preset and its overrides, optional named variants (each a set of
+overrides), a grid (any config key; the product is taken), the snapshot cadence and the forget axes. Every point
+(variant × grid) is an ordinary pipeline run, so everything cached is reused. The page docs/results/<name>.md holds
+the matched table, the curves (<name>-curves.png), each variant's final-model metrics, the selection's precision
+and recall, the date, machine and commit, and the fingerprints of every run; <name>.json keeps those fingerprints
+for `sunlearn study --check`, which recomputes them from the current code and config without running anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.dag import ORDER, fingerprints
+from schemas import write_json_atomic
+from stages.config import ConfigError, load_config, suggest
+from stages.curves import AXES, Curve, curves_from_metrics, matched_table
+from stages.environment import REPO
+
+STUDIES_DIR = REPO / "studies"
+RESULTS_DIR = REPO / "docs" / "results"
+README = REPO / "README.md"  # its <!-- study:NAME --> blocks are rewritten from the page, never by hand
+FIELDS = ("description", "preset", "overrides", "variants", "grid", "seeds_key", "snapshot_every", "axes")
+HEADLINE = ("forget_quality", "model_utility", "forget_fact_recall", "forget_rouge", "retain_rouge", "forget_prob",
+            "forget_truth_ratio", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    description: str = ""
+    preset: str = "embedded"
+    overrides: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)  # label -> overrides; empty: one unnamed variant
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    seeds_key: str | None = "unlearn.seed"
+    snapshot_every: int | None = None  # None: the preset's own setting
+    axes: list[str] = field(default_factory=lambda: list(AXES))
+
+
+@dataclass(frozen=True)
+class Point:
+    variant: str
+    values: dict[str, str]  # grid key -> value
+    overrides: list[str]
+
+
+def _pairs(tree: Any, where: str) -> list[str]:
+    """`key=value` strings from a mapping or a list of such strings."""
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [f"{k}={_text(v)}" for k, v in tree.items()]
+    if isinstance(tree, list) and all(isinstance(v, str) and "=" in v for v in tree):
+        return list(tree)
+    raise ConfigError(f"{where}: expected a mapping of config keys or a list of key=value, got {tree!r}")
+
+
+def _text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def load_study(path: str | Path) -> Study:
+    """A study file, with every point's config loaded (so a bad key or value fails before anything runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of {', '.join(FIELDS)}")
+    for key in tree:
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: unknown field {key!r}{suggest(key, FIELDS)}")
+    grid = tree.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
+    variants = tree.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{path}: variants must map a label to its overrides")
+    axes = list(tree.get("axes") or AXES)
+    for axis in axes:
+        if axis not in AXES:
+            raise ConfigError(f"{path}: unknown forget axis {axis!r}{suggest(axis, AXES)} (axes: {', '.join(AXES)})")
+    every = tree.get("snapshot_every")
+    study = Study(
+        name=path.stem,
+        path=path,
+        description=str(tree.get("description") or "").strip(),
+        preset=str(tree.get("preset", "embedded")),
+        overrides=_pairs(tree.get("overrides"), f"{path}: overrides"),
+        variants={str(k): _pairs(v, f"{path}: variant {k}") for k, v in variants.items()},
+        grid={str(k): [str(v) for v in values] for k, values in grid.items()},
+        seeds_key=tree.get("seeds_key", "unlearn.seed"),
+        snapshot_every=int(every) if every is not None else None,
+        axes=axes,
+    )
+    for point in study_points(study):
+        load_config(study.preset, overrides=point.overrides)
+    return study
+
+
+def study_points(study: Study) -> list[Point]:
+    """Every (variant, grid value) combination, with the overrides that configure it, in a stable order."""
+    base = [*study.overrides]
+    if study.snapshot_every is not None:
+        base.append(f"unlearn.snapshot_every={study.snapshot_every}")
+    keys = list(study.grid)
+    points = []
+    for variant, extra in (study.variants or {"": []}).items():
+        for combo in itertools.product(*(study.grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            points.append(Point(variant, values, [*base, *extra, *(f"{k}={v}" for k, v in values.items())]))
+    return points
+
+
+def point_fingerprints(study: Study, point: Point) -> dict[str, str]:
+    cfg = load_config(study.preset, overrides=point.overrides)
+    return {stage: fp["fingerprint"] for stage, fp in fingerprints(cfg).items()}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def run_study(study: Study, artifacts: str, out_dir: Path = RESULTS_DIR) -> Path:
+    """Run every point through the cached pipeline (a Prefect flow) and write the results page; returns its path."""
+    from pipeline.flows import study_flow
+
+    return Path(study_flow(file=str(study.path), artifacts=artifacts, out_dir=str(out_dir)))
+
+
+def point_label(point: Point, method: str, n_methods: int) -> str:
+    """The curve's name in the page: the variant when it runs one method, else the method (prefixed by a variant)."""
+    if point.variant and n_methods == 1:
+        return point.variant
+    return f"{point.variant}/{method}" if point.variant else method
+
+
+def gather(study: Study, results: list[dict[str, Any]]) -> tuple[list[Curve], dict[str, dict[str, float]]]:
+    """Every point's curves, named by variant (or method), and the reference models' mean metrics."""
+    points = study_points(study)
+    curves: list[Curve] = []
+    references: dict[str, list[dict[str, float]]] = {}
+    for point, result in zip(points, results, strict=True):
+        seed = point.values.get(study.seeds_key or "", "")
+        own, refs = curves_from_metrics(result["metrics"], run=f"{study.seeds_key}={seed}" if seed else "")
+        for curve in own:
+            curve.method = point_label(point, curve.method, len(own))
+        curves += own
+        for name, values in refs.items():
+            references.setdefault(name, []).append(values)
+    return curves, {name: _mean_dicts(values) for name, values in references.items()}
+
+
+def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: float(np.mean([r.get(k, math.nan) for r in rows])) for k in keys}
+
+
+def write_results(study: Study, results: list[dict[str, Any]], seconds: float, out_dir: Path = RESULTS_DIR) -> Path:
+    """docs/results/<name>.md, its curves PNG and its fingerprint record."""
+    from stages.reports import matched_markdown, plot_curves
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves, references = gather(study, results)
+    png = out_dir / f"{study.name}-curves.png"
+    has_png = plot_curves(curves, references, png)
+    rows = matched_table(curves, study.axes, references.get("retain"))
+    points = study_points(study)
+    record = {
+        "study": study.name,
+        "file": str(study.path.resolve().relative_to(REPO)) if study.path.resolve().is_relative_to(REPO) else
+        str(study.path),
+        "file_sha256": file_digest(study.path),
+        "points": [{"variant": p.variant, "overrides": p.overrides, "fingerprints": r["fingerprints"]}
+                   for p, r in zip(points, results, strict=True)],
+    }
+    page = [
+        f"# Study `{study.name}`",
+        "",
+        *([study.description, ""] if study.description else []),
+        f"Generated by `sunlearn study {record['file']}` on {time.strftime('%Y-%m-%d')}, {machine()}, at commit "
+        f"{commit()}, in {seconds / 60:.1f} min. `sunlearn study --check` says whether the code or config has "
+        "changed since; this page is never edited by hand.",
+        "",
+        "## Set-up",
+        "",
+        f"- preset `{study.preset}`" + (f", overrides `{' '.join(study.overrides)}`" if study.overrides else ""),
+        *(f"- variant `{name}`: `{' '.join(extra) or '(preset as is)'}`" for name, extra in study.variants.items()),
+        *(f"- grid `{key}`: {', '.join(values)}" for key, values in study.grid.items()),
+        f"- snapshots every {study.snapshot_every} optimizer steps" if study.snapshot_every else
+        "- no snapshots: each curve runs from the target (step 0) to the final model",
+        f"- {len(points)} runs; mean ± std over `{study.seeds_key}`" if study.seeds_key in study.grid else
+        f"- {len(points)} runs, one seed each",
+        "",
+        matched_markdown(rows).rstrip() or "No matched comparison: no curve has a forget axis value.",
+        "",
+    ]
+    if has_png:
+        page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
+    final = final_markdown(curves, references)
+    page += [final, "", utility_markdown(curves, references), "", retain_losses_markdown(study, results), "",
+             selection_markdown(study, results), "", runs_markdown(points, results)]
+    md = out_dir / f"{study.name}.md"
+    md.write_text("\n".join(page).rstrip() + "\n")
+    headline = [r for r in rows if r.axis == study.axes[0] and r.level_name == "common"]
+    record["excerpt"] = readme_excerpt(study, final, headline)
+    write_json_atomic(out_dir / f"{study.name}.json", record)
+    if out_dir.resolve() == RESULTS_DIR.resolve():
+        update_readme(study.name, record["excerpt"])
+    return md
+
+
+def readme_excerpt(study: Study, final: str, headline: list) -> str:
+    """What the README shows of a page: its final-model table and the headline matched row, with the link."""
+    from stages.reports import _cell
+
+    table = [line for line in final.splitlines() if line.startswith("|")]
+    lines = [f"From [docs/results/{study.name}.md](docs/results/{study.name}.md) (generated by `sunlearn study "
+             f"studies/{study.name}.yaml`; final models, mean ± std over seeds where there are several):", "",
+             *table]
+    if headline:
+        level = headline[0]
+        cells = [f"{r.method} {'not reached' if r.n == 0 else _cell(r.mean)}" for r in headline]
+        lines += ["", f"Model utility where each curve first reaches {level.axis} = {_cell(level.level)} (the "
+                  f"strongest forgetting every run reaches): {', '.join(cells)}."]
+    return "\n".join(lines)
+
+
+def _block(name: str) -> tuple[str, str]:
+    return f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+
+
+def readme_block(name: str, readme: Path = README) -> str | None:
+    """The README's block for a study, None when it has none."""
+    text = readme.read_text() if readme.is_file() else ""
+    start, end = _block(name)
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def update_readme(name: str, excerpt: str, readme: Path = README) -> None:
+    if readme_block(name, readme) is None:
+        return
+    text = readme.read_text()
+    start, end = _block(name)
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{excerpt}\n{end}{rest.split(end, 1)[1]}")
+
+
+def final_markdown(curves: list[Curve], references: dict[str, dict[str, float]]) -> str:
+    from stages.reports import _cell
+
+    seen = {k for c in curves for k in c.metrics[-1]} | {k for r in references.values() for k in r}
+    columns = [c for c in HEADLINE if c in seen]
+    lines = ["## Final models", "", "Each run's last step; mean ± std over seeds (n runs).", "",
+             "| model | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name, values in references.items():
+        lines.append(f"| {name} | – | " + " | ".join(_cell(values.get(c)) for c in columns) + " |")
+    for method in dict.fromkeys(c.method for c in curves):
+        finals = [c.metrics[-1] for c in curves if c.method == method]
+        cells = []
+        for column in columns:
+            v = np.array([f.get(column, math.nan) for f in finals], dtype=np.float64)
+            cells.append(f"{_cell(float(v.mean()))} ± {_cell(float(v.std(ddof=1)))}" if len(v) > 1 else _cell(v[0]))
+        lines.append(f"| {method} | {len(finals)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+UTILITY_PARTS = [f"{p}_{m}" for p in ("retain", "ra", "wf") for m in ("prob", "rouge", "truth_ratio")]
+FORGET_TOKENS = ("forget_fact_nll", "forget_template_nll")
+
+
+def utility_markdown(curves: list[Curve], references: dict[str, dict[str, float]]) -> str:
+    """Where each final model loses utility (the nine numbers it is the harmonic mean of), and how its forget
+    answers' fact and template tokens moved."""
+    from stages.reports import _cell
+
+    seen = {name for c in curves for name in c.metrics[-1]}
+    columns = [c for c in (*UTILITY_PARTS, *FORGET_TOKENS) if c in seen]
+    if not columns:
+        return ""
+    lines = ["## Where the utility goes", "",
+             "The nine numbers model utility is the harmonic mean of (retain set, real authors, world facts), and the "
+             "NLL of the forget answers' gold tokens (names, facts: unlearning should raise it) and of their other "
+             "tokens (the template: SU means to keep it), per final model, mean over seeds.", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    rows = [(name, [values]) for name, values in references.items()]
+    rows += [(m, [c.metrics[-1] for c in curves if c.method == m]) for m in dict.fromkeys(c.method for c in curves)]
+    for name, finals in rows:
+        cells = [_cell(float(np.nanmean([f.get(col, math.nan) for f in finals]))) for col in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def retain_losses_markdown(study: Study, results: list[dict[str, Any]], top: int = 5) -> str:
+    """The retain items whose answer probability each variant's final model lowers most from the target's."""
+    from schemas import read_table
+
+    drops: dict[str, dict[str, list[tuple[float, float]]]] = {}  # label -> doc -> [(target, model)] over seeds
+    for point, result in zip(study_points(study), results, strict=True):
+        path = Path(result.get("paths", {}).get("evaluate", "")) / "item_scores.parquet"
+        if not path.is_file():
+            continue
+        rows = [r for r in read_table(path, columns=["model", "step", "split", "doc_id", "item", "value"]).to_pylist()
+                if r["split"] == "eval_retain" and r["item"] == "prob"]
+        last = {}
+        for r in rows:
+            last[r["model"]] = max(last.get(r["model"], r["step"]), r["step"])
+        final = {(r["model"], r["doc_id"]): r["value"] for r in rows if r["step"] == last[r["model"]]}
+        methods = [m for m in last if m not in ("target", "retain")]
+        for (model, doc), value in final.items():
+            if model in methods and ("target", doc) in final:
+                label = point_label(point, model, len(methods))
+                drops.setdefault(label, {}).setdefault(doc, []).append((final[("target", doc)], value))
+    if not drops:
+        return ""
+    questions = _questions(results[0].get("paths", {}).get("prepare"))
+    lines = ["## Retain items lost most", "",
+             f"Per model, the {top} retain items whose answer probability falls most from the target's (mean over "
+             "seeds).", "",
+             "| model | item | question | answer probability, target → model |", "|---|---|---|---:|"]
+    for label, docs in drops.items():
+        means = {doc: np.mean(pairs, axis=0) for doc, pairs in docs.items()}
+        for doc in sorted(means, key=lambda d: means[d][1] - means[d][0])[:top]:
+            before, after = means[doc]
+            question = questions.get(doc, "").replace("|", "/")
+            lines.append(f"| {label} | {doc} | {question} | {before:.3f} → {after:.3f} |")
+    return "\n".join(lines)
+
+
+def _questions(prepare_dir: str | None) -> dict[str, str]:
+    if not prepare_dir or not (Path(prepare_dir) / "documents.parquet").is_file():
+        return {}
+    from schemas import read_table
+
+    table = read_table(Path(prepare_dir) / "documents.parquet", columns=["doc_id", "question"])
+    return {d: q or "" for d, q in zip(table["doc_id"].to_pylist(), table["question"].to_pylist(), strict=True)}
+
+
+def selection_markdown(study: Study, results: list[dict[str, Any]]) -> str:
+    """Precision and recall of each distinct selection against the data set's gold tokens, where it has them."""
+    from stages.reports import _cell
+
+    seen: dict[str, list[str]] = {}
+    for point, result in zip(study_points(study), results, strict=True):
+        masks = result.get("masks") or {}
+        if not math.isfinite(masks.get("precision", math.nan)):
+            continue
+        cfg = load_config(study.preset, overrides=point.overrides)
+        key = result["fingerprints"]["masks"]
+        seen.setdefault(key, [point.variant or "–", f"{cfg.assistants.kind} ({cfg.assistants.splits})",
+                              str(cfg.masks.gamma), _cell(masks.get("gamma")), str(cfg.masks.window),
+                              _cell(masks.get("fraction_selected")), _cell(masks.get("precision")),
+                              _cell(masks.get("recall"))])
+    if not seen:
+        return "## Selection\n\nThe data set has no gold tokens, so the selection's precision is not measured."
+    lines = ["## Selection", "", "Selected forget answer tokens against the data set's gold tokens (author names and "
+             "facts).", "", "| variant | assistants | γ | γ used | window | selected | precision | recall |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in seen.values()]
+    return "\n".join(lines)
+
+
+def runs_markdown(points: list[Point], results: list[dict[str, Any]]) -> str:
+    lines = ["## Runs", "", "Every run this page summarises, with its stage fingerprints (artifacts/<stage>/<fp>).", "",
+             "| variant | grid | " + " | ".join(ORDER) + " |", "|---|---|" + "---|" * len(ORDER)]
+    for point, result in zip(points, results, strict=True):
+        grid = " ".join(f"{k}={v}" for k, v in point.values.items()) or "–"
+        fps = " | ".join(f"`{result['fingerprints'][s]}`" for s in ORDER)
+        lines.append(f"| {point.variant or '–'} | {grid} | {fps} |")
+    return "\n".join(lines)
+
+
+def check_study(path: str | Path, out_dir: Path = RESULTS_DIR) -> list[str]:
+    """Why a study's page is stale (empty when it is current): missing, the file changed, or a run's fingerprint
+    differs from the one the page recorded."""
+    study = load_study(path)
+    record_path = Path(out_dir) / f"{study.name}.json"
+    if not record_path.is_file() or not (Path(out_dir) / f"{study.name}.md").is_file():
+        return [f"{study.name}: no results page yet (run `sunlearn study {path}`)"]
+    record = json.loads(record_path.read_text())
+    if record.get("file_sha256") != file_digest(study.path):
+        return [f"{study.name}: {path} changed since its page was generated"]
+    points = study_points(study)
+    recorded = record.get("points", [])
+    if [p.overrides for p in points] != [r["overrides"] for r in recorded]:
+        return [f"{study.name}: its runs differ from those on the page"]
+    problems = []
+    block = readme_block(study.name) if Path(out_dir).resolve() == RESULTS_DIR.resolve() else None
+    if block is not None and block != record.get("excerpt"):
+        problems.append(f"{study.name}: the README's block differs from the page (run `sunlearn study {path}`)")
+    for point, old in zip(points, recorded, strict=True):
+        now = point_fingerprints(study, point)
+        changed = [s for s in ORDER if now[s] != old["fingerprints"].get(s)]
+        if changed:
+            what = " ".join(point.overrides[-3:]) or "the default run"
+            problems.append(f"{study.name}: {changed[0]} (and {len(changed) - 1} more stages) changed for {what}")
+    return problems
+
+
+def study_files(paths: list[str]) -> list[Path]:
+    return [Path(p) for p in paths] if paths else sorted(STUDIES_DIR.glob("*.yaml"))
+
+
+def commit() -> str:
+    """The checkout's commit, marked when the working tree has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"`{sha}`" + (" (with uncommitted changes)" if dirty else "")
+
+
+def machine() -> str:
+    import os
+
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{platform.machine()} {cores} cores {memory:.0f} GiB, no GPU" if not _cuda() else \
+        f"{platform.machine()} {cores} cores {memory:.0f} GiB, {_cuda()}"
+
+
+def _cuda() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""

@@ -1,0 +1,60 @@
+"""A sweep fanned out over a work pool: a real server, two process workers, each grid point a flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_server import REPO, _manifests, prefect_client, sunlearn_serve
+
+from pipeline.dag import ORDER
+
+pytestmark = pytest.mark.slow
+
+GRID = ["--grid", "masks.gamma=0.3,0.5", "--grid", "unlearn.seed=0,1"]
+COMMON = ["--preset", "micro", "--set", "evaluate.max_new_tokens=4"]
+
+
+def _sweep(root: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", *COMMON, *GRID, "--artifacts", str(root), "--json", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env or dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(result: dict) -> list[tuple]:
+    table = pq.read_table(Path(result["path"]) / "sweep_metrics.parquet").to_pylist()
+    return sorted((r["point"], r["params"], r["model"], r["metric"], r["value"]) for r in table)
+
+
+@pytest.mark.timeout(1200)
+def test_sweep_points_run_as_flow_runs_on_two_workers(tmp_path):
+    root = tmp_path / "pool"
+    with sunlearn_serve(tmp_path, root, "--workers", "2") as (_, api_url, _):
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        pooled = _sweep(root, "--parallel", "4", env=env)
+        with prefect_client(api_url) as client:
+            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+            by_deployment = DeploymentFilter(name=DeploymentFilterName(any_=["pipeline"]))
+            runs = client.read_flow_runs(deployment_filter=by_deployment)
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [r.id for r in runs]}))
+    assert pooled["failed"] == []
+    assert len(runs) == 4 and {r.state.type.value for r in runs} == {"COMPLETED"}
+    workers = Counter(r.labels.get("prefect.worker.name") for r in runs)
+    assert len(workers) == 2 and None not in workers, workers
+    # each artifact computed once: one task run that really ran per cache entry, every other one reused it
+    ran = Counter(t.name for t in task_runs if t.state.name == "Completed")
+    entries = {stage: len(v) for stage, v in _manifests(root).items()}
+    assert entries == {"prepare": 1, "target": 1, "assistants": 1, "scores": 1, "masks": 2, "unlearn": 4,
+                       "evaluate": 4}
+    assert {s: ran[s] for s in ORDER} == entries
+
+    sequential = _sweep(tmp_path / "sequential")
+    assert _table(pooled) == _table(sequential) and len(_table(pooled)) > 0

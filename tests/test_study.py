@@ -1,0 +1,90 @@
+"""`sunlearn study` on a micro study: the page, its curves and fingerprints, and `--check` finding it stale after
+an edit to code a stage imports (in a copy of the repository) or to the study file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.study import check_study, load_study, run_study, study_points
+from stages.code_version import REPO
+from stages.config import ConfigError
+
+MICRO = {"preset": "micro", "overrides": {"evaluate.max_new_tokens": 4}, "grid": {"unlearn.seed": [0, 1]}}
+
+
+def _write(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory, prefect_harness):
+    root = tmp_path_factory.mktemp("study")
+    path = _write(root / "micro.yaml", MICRO)
+    out = root / "results"
+    page = run_study(load_study(path), str(root / "artifacts"), out)
+    return path, out, page
+
+
+def test_page_holds_the_matched_table_final_metrics_selection_and_runs(micro_study):
+    path, out, page = micro_study
+    text = page.read_text()
+    for heading in ("## Model utility at matched forgetting", "## Final models", "## Selection", "## Runs"):
+        assert heading in text
+    assert "| su | 2 |" in text and "| graddiff | 2 |" in text  # two seeds each
+    assert (out / "micro-curves.png").stat().st_size > 10_000
+    record = json.loads((out / "micro.json").read_text())
+    assert [p["overrides"] for p in record["points"]] == [p.overrides for p in study_points(load_study(path))]
+    for point in record["points"]:
+        assert point["fingerprints"]["evaluate"] in text
+
+
+def test_check_is_clean_on_fresh_results(micro_study):
+    path, out, _ = micro_study
+    assert check_study(path, out) == []
+
+
+def test_check_finds_the_page_stale_after_a_stage_module_changes(micro_study, tmp_path):
+    path, out, _ = micro_study
+    copy = tmp_path / "repo"
+    for name in ("stages", "schemas", "data", "pipeline"):
+        shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = f"from pipeline.study import check_study; print(check_study({str(path)!r}, {str(out)!r}))"
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+
+    def check() -> str:
+        run = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env, capture_output=True, text=True,
+                             check=True, timeout=300)
+        return run.stdout.strip().splitlines()[-1]
+
+    assert check() == "[]"
+    with open(copy / "stages" / "masks.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    stale = check()
+    assert "micro: masks" in stale and stale.count("micro:") == 2  # both runs
+
+
+def test_check_finds_the_page_stale_after_the_study_file_changes(micro_study, tmp_path):
+    path, out, _ = micro_study
+    edited = tmp_path / "micro.yaml"
+    _write(edited, {**MICRO, "grid": {"unlearn.seed": [0, 1, 2]}})
+    assert "changed since" in check_study(edited, out)[0]
+    assert "no results page" in check_study(_write(tmp_path / "other.yaml", MICRO), out)[0]
+
+
+@pytest.mark.parametrize(("tree", "message"), [
+    ({"presett": "micro"}, "did you mean 'preset'"),
+    ({"preset": "micro", "axes": ["forget_qualty"]}, "did you mean 'forget_quality'"),
+    ({"preset": "micro", "grid": {"masks.gama": [0.3]}}, "unknown config key 'masks.gama'"),
+])
+def test_a_bad_study_file_is_one_clear_line(tree, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_study(_write(tmp_path / "bad.yaml", tree))
