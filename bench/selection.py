@@ -6,7 +6,7 @@ to 0.001, and `auto` on a linear and a log axis), and prints precision, recall a
 
 - on the embedded set, against its gold spans (author names and facts), the `gold` column of token_scores.parquet;
 - on TOFU (`--tofu`, skipped when the folder is absent), against the tokens of the fact words fact recall uses
-  (stages.evaluate.fact_words: the paraphrased answer's words its perturbations change), over the forget items that
+  (stages.evaluate.tofu.fact_words: the paraphrased answer's words its perturbations change), over the forget items that
   have fact words.
 
 `all answer tokens` is what GradDiff trains: its precision is the share of fact tokens, its recall 1. Without a GPU,
@@ -31,9 +31,9 @@ import numpy as np
 
 from pipeline.runner import materialize_until
 from schemas import read_table
-from stages.common import load_documents, load_tokenizer
+from stages.common import answer_text, load_documents, load_tokenizer
 from stages.config import Config, load_config
-from stages.evaluate import fact_words
+from stages.evaluate.tofu import fact_words
 from stages.masks import build_masks, precision_recall
 from stages.metrics import words
 
@@ -57,7 +57,7 @@ def fact_word_tokens(prepare_dir: Path, doc_ids: list[str], positions: np.ndarra
         facts = set(fact_words(row))
         if not facts:
             continue
-        text = " " + row["answer"]  # the answer as encode_qa tokenises it
+        text = answer_text(tokenizer, row["answer"])  # the answer as encode_qa tokenises it
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         start = row["answer_start"]
         if list(row["input_ids"][start : start + len(enc["input_ids"])]) != enc["input_ids"]:
