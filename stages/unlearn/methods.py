@@ -158,11 +158,13 @@ def kept_nll(o: Outputs) -> Tensor:
 
 
 def su(o: Outputs, alpha: float, normalize: str, keep: float) -> Tensor:
-    return -ascent_nll(o, normalize) + alpha * nll(o.retain_logp, o.retain_mask) + keep * kept_nll(o)
+    loss = -ascent_nll(o, normalize) + alpha * nll(o.retain_logp, o.retain_mask)
+    return loss + keep * kept_nll(o) if keep else loss
 
 
 def su_npo(o: Outputs, alpha: float, beta: float, keep: float) -> Tensor:
-    return npo_gd(o, alpha, beta) + keep * kept_nll(o)
+    loss = npo_gd(o, alpha, beta)
+    return loss + keep * kept_nll(o) if keep else loss
 
 
 def wga(o: Outputs, alpha: float, beta: float, gamma: float) -> Tensor:
