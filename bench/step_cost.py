@@ -204,7 +204,8 @@ def bare_loop(fx: LoopFixture, name: str = "su") -> tuple[float, dict[str, torch
         forget_logits = model(input_ids=forget.input_ids, attention_mask=forget.attention_mask).logits
         retain_logits = model(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits
         outputs = Outputs(token_logprobs(forget_logits, forget.input_ids), forget.labels(spec.selective) != -100,
-                          token_logprobs(retain_logits, retain.input_ids), retain.answer_mask)
+                          token_logprobs(retain_logits, retain.input_ids), retain.answer_mask,
+                          forget_answer_mask=forget.answer_mask)
         spec(outputs, u.alpha).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the engine's gradient_clipping
         optimizer.step()

@@ -85,12 +85,19 @@ class AssistantsConfig:
     llm_layers: int = 2
 
 
+MASK_SCORES = ("prob_diff", "log_ratio")
+AUTO_SCALES = ("linear", "log")
+
+
 @dataclass
 class MasksConfig:
-    # threshold on |p_a - p_b|, or "auto": Otsu's threshold on the score_diff histogram (stages/masks.py). auto is the
+    # threshold on masks.score, or "auto": Otsu's threshold on the score's histogram (stages/masks.py). auto is the
     # default because it did best on the unlearning outcome over 5 seeds (README, "Which selection ...")
     gamma: float | str = "auto"
     window: int = 2  # widen each selection by ±window positions
+    score: str = "prob_diff"  # what gamma thresholds: prob_diff |p_a - p_b| | log_ratio |log p_a - log p_b|
+    # the axis gamma=auto runs Otsu on: linear, or log (which can find thresholds down to MIN_SCORE, 1e-4)
+    auto_scale: str = "linear"
 
 
 @dataclass
@@ -123,7 +130,7 @@ class UnlearnConfig:
     # 0: at each checkpoint and epoch end
     stop_check_every: int = 0
     # per-method loss parameters over the registry's defaults: `--set unlearn.params.npo.beta=0.2`
-    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    params: dict[str, dict[str, float | str]] = field(default_factory=dict)
     reference: str = "logprobs"  # logprobs: the frozen target's values, computed once | model: keep it in memory
     # optimizer steps between snapshots of each method's weights (snapshots/<method>/step-<k>/), for curves; 0: none
     snapshot_every: int = 0
@@ -248,7 +255,7 @@ def apply_override(cfg: Config, key: str, raw: Any) -> None:
 
 
 def _set_method_param(section: UnlearnConfig, key: str, path: str, raw: Any) -> None:
-    """unlearn.params.<method>.<param>: a number that replaces the registry's default for that method."""
+    """unlearn.params.<method>.<param>: a number, or one of a choice parameter's values, over the registry's default."""
     from stages.unlearn import METHODS
 
     method, _, param = path.partition(".")
@@ -258,10 +265,23 @@ def _set_method_param(section: UnlearnConfig, key: str, path: str, raw: Any) -> 
     if param not in defaults:
         known = ", ".join(defaults) or "none"
         raise ConfigError(f"{key}: {method} has no parameter {param!r}{suggest(param, defaults)} (it takes: {known})")
-    value = _coerce(raw, float, key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number, got {raw!r}")
-    section.params = {**section.params, method: {**section.params.get(method, {}), param: float(value)}}
+    choices = METHODS[method].choices.get(param)
+    if choices is not None:
+        value: float | str = _choice(raw, choices, key)
+    else:
+        number = _coerce(raw, float, key)
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        value = float(number)
+    section.params = {**section.params, method: {**section.params.get(method, {}), param: value}}
+
+
+def _choice(raw: Any, choices: typing.Sequence[str], key: str) -> str:
+    """`raw` when it is one of `choices`; else an error that lists them."""
+    if raw not in choices:
+        valid = " | ".join(choices)
+        raise ConfigError(f"{key} must be one of {valid}, got {raw!r}{suggest(str(raw), choices)}")
+    return raw
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -290,10 +310,15 @@ def validate(cfg: Config) -> None:
             value = getattr(cfg.data, key)
             if value and not Path(value).expanduser().exists():
                 raise ConfigError(f"data.{key} {value} does not exist")
-    gamma = cfg.masks.gamma
+    _choice(cfg.masks.score, MASK_SCORES, "masks.score")
+    _choice(cfg.masks.auto_scale, AUTO_SCALES, "masks.auto_scale")
+    gamma, log_ratio = cfg.masks.gamma, cfg.masks.score == "log_ratio"
     if isinstance(gamma, str) and gamma != "auto":
-        raise ConfigError(f"masks.gamma must be a number in [0, 1] or 'auto', got {gamma!r}")
-    if not isinstance(gamma, str) and not 0.0 <= float(gamma) <= 1.0:
+        bounds = ">= 0" if log_ratio else "in [0, 1]"
+        raise ConfigError(f"masks.gamma must be a number {bounds} or 'auto', got {gamma!r}")
+    if not isinstance(gamma, str) and log_ratio and float(gamma) < 0.0:
+        raise ConfigError(f"masks.gamma must be >= 0 (an absolute log ratio), got {gamma}")
+    if not isinstance(gamma, str) and not log_ratio and not 0.0 <= float(gamma) <= 1.0:
         raise ConfigError(f"masks.gamma must be in [0, 1] (a difference of probabilities), got {gamma}")
     if cfg.masks.window < 0:
         raise ConfigError(f"masks.window must be >= 0, got {cfg.masks.window}")
@@ -342,6 +367,15 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{exc} (target.num_layers={cfg.target.num_layers})") from None
         if spec.updates and cfg.unlearn.lora.r:
             raise ConfigError(f"{method} trains its own parameter group, not LoRA adapters; set unlearn.lora.r=0")
+    for method, params in cfg.unlearn.params.items():  # also set in code, not only through apply_override
+        for param, value in params.items():
+            key = f"unlearn.params.{method}.{param}"
+            if method not in METHODS or param not in METHODS[method].params:
+                raise ConfigError(f"unknown config key {key!r}")
+            if param in METHODS[method].choices:
+                _choice(value, METHODS[method].choices[param], key)
+            elif param == "keep" and value < 0:  # a negative weight would push the unselected tokens up, not keep them
+                raise ConfigError(f"{key} must be >= 0 (the weight of the NLL on unselected tokens), got {value}")
     t = cfg.target
     if t.finetune and cfg.model.name is None:
         raise ConfigError("target.finetune=true needs model.name (the base model to fine-tune)")

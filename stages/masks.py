@@ -1,13 +1,17 @@
 """Turn token scores into SU's selection mask.
 
-A forget-document answer token is a seed when |p_a − p_b| > γ. Each seed is widened symmetrically by ±window
-positions (the paper's 5-gram window for window = 2), clipped to the document's answer tokens. Everything else
-keeps label -100 during unlearning.
+A forget-document answer token is a seed when its score is above γ: `masks.score = prob_diff` scores |p_a − p_b|
+(the paper's), `log_ratio` scores |log p_a − log p_b|, which also sees a fact token both assistants find unlikely.
+Both are absolute, so either assistant split works: a (full, retain) pair puts facts at p_a > p_b, (full, forget) at
+p_a < p_b. Each seed is widened symmetrically by ±window positions (the paper's 5-gram window for window = 2), clipped
+to the document's answer tokens. Everything else keeps label -100 during unlearning.
 
-`masks.gamma = auto` picks γ by Otsu's method on the answer tokens' score_diff: the threshold that best splits
-them into two groups (largest between-group variance). Most tokens are explained equally well by both assistants
-(score_diff near 0) and forget-specific tokens form a second mode, so the valley between the modes is where a
-sweep's best γ tends to sit; Otsu finds it from one histogram with no training run.
+`masks.gamma = auto` picks γ by Otsu's method on the answer tokens' scores: the threshold that best splits them into
+two groups (largest between-group variance). Most tokens are explained equally well by both assistants (score near 0)
+and forget-specific tokens form a second mode; Otsu finds the valley from one histogram with no training run. On a
+linear axis (`masks.auto_scale = linear`) that valley lies between near-0 and near-1 differences, and most fact tokens,
+which a 5-gram separates by only a few hundredths, fall below it. `auto_scale = log` runs Otsu on log10 of the score
+(floored at MIN_SCORE), where "no difference" and "some difference" are the two modes.
 """
 
 from __future__ import annotations
@@ -22,12 +26,31 @@ from schemas import read_table, write_table
 from stages.common import log
 from stages.config import Config
 
+MIN_SCORE = 1e-4  # the log axis's floor: 10x below the smallest γ bench.selection measures (0.001)
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Threshold on [0, 1] that maximises the between-class variance of `values`."""
+
+def token_score(p_a: np.ndarray, p_b: np.ndarray, score: str) -> np.ndarray:
+    """Per token, the value γ thresholds (masks.score)."""
+    if score == "log_ratio":
+        tiny = np.finfo(np.float64).tiny  # an LLM assistant's probability can underflow to 0
+        return np.abs(np.log(np.maximum(p_a, tiny)) - np.log(np.maximum(p_b, tiny)))
+    return np.abs(p_a - p_b)
+
+
+def auto_threshold(values: np.ndarray, score: str, scale: str) -> float:
+    """masks.gamma=auto: Otsu's threshold on `values` on a linear or a log10 axis."""
+    upper = 1.0 if score == "prob_diff" else max(float(values.max(initial=0.0)), MIN_SCORE)
+    if scale == "log":
+        logs = np.log10(np.maximum(values, MIN_SCORE))
+        return float(10 ** otsu_threshold(logs, low=np.log10(MIN_SCORE), high=np.log10(max(upper, MIN_SCORE * 10))))
+    return otsu_threshold(values, high=upper)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256, low: float = 0.0, high: float = 1.0) -> float:
+    """Threshold on [low, high] that maximises the between-class variance of `values`."""
     if values.size == 0:
-        return 1.0
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+        return high
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
     weights = counts / counts.sum()
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(weights)
@@ -75,16 +98,17 @@ def precision_recall(selected: np.ndarray, gold: np.ndarray) -> tuple[float, flo
 
 
 def build_masks(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    m = cfg.masks
     scores = read_table(inputs["scores"] / "token_scores.parquet",
-                        columns=["doc_id", "position", "score_diff", "in_answer", "gold"])
+                        columns=["doc_id", "position", "p_a", "p_b", "in_answer", "gold"])
     position = scores["position"].to_numpy()
-    diff = scores["score_diff"].to_numpy()
+    score = token_score(scores["p_a"].to_numpy(), scores["p_b"].to_numpy(), m.score)
     in_answer = scores["in_answer"].to_numpy(zero_copy_only=False)
     starts = document_starts(position)
-    gamma = otsu_threshold(diff[in_answer]) if cfg.masks.gamma == "auto" else float(cfg.masks.gamma)
+    gamma = auto_threshold(score[in_answer], m.score, m.auto_scale) if m.gamma == "auto" else float(m.gamma)
 
-    seed = (diff > gamma) & in_answer
-    selected = widen(seed, answer_segments(starts, in_answer), cfg.masks.window)
+    seed = (score > gamma) & in_answer
+    selected = widen(seed, answer_segments(starts, in_answer), m.window)
 
     gold_col = scores["gold"]
     write_table(
@@ -105,8 +129,9 @@ def build_masks(cfg: Config, inputs: dict[str, Path], out: Path) -> dict[str, An
     )
     stats: dict[str, Any] = {
         "gamma": gamma,
-        "gamma_rule": "otsu" if cfg.masks.gamma == "auto" else "fixed",
-        "window": cfg.masks.window,
+        "gamma_rule": ("otsu" if m.auto_scale == "linear" else "otsu_log") if m.gamma == "auto" else "fixed",
+        "score": m.score,
+        "window": m.window,
         "answer_tokens": int(in_answer.sum()),
         "seed_tokens": int(seed.sum()),
         "tokens_selected": int(selected.sum()),

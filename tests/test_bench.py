@@ -24,6 +24,26 @@ def test_synthetic_corpus_passes_the_documents_schema(tmp_path):
     assert stats["forget_documents"] == len(forget)
 
 
+def test_fact_word_tokens_lie_inside_the_gold_spans(prepared_micro):
+    """bench.selection's TOFU truth, on the embedded set: fact words are gold-span words minus the question's (the
+    author's name), so their tokens are gold tokens, and fewer of them; only a fact word repeated outside the spans
+    (a "the" of a title) marks a token that is not gold."""
+    import pyarrow as pa
+
+    from bench.selection import fact_word_tokens
+    from stages.common import load_documents
+    from stages.scores import flat_token_table
+
+    docs = load_documents(prepared_micro, ("forget",))
+    flat = flat_token_table(docs)
+    doc_ids = docs["doc_id"].take(pa.array(flat["doc_index"])).to_pylist()
+    facts = fact_word_tokens(prepared_micro, doc_ids, flat["position"])
+    known = ~np.isnan(facts)
+    assert known.any() and not (known & ~flat["in_answer"] & (facts == 1)).any()  # prompts hold no fact
+    assert (flat["gold"][known & (facts == 1)] == 1).mean() > 0.95
+    assert 0 < (facts == 1).sum() < (flat["gold"][known] == 1).sum()
+
+
 def test_python_loop_matches_the_vectorised_masks():
     rng = np.random.default_rng(0)
     doc = np.repeat(np.arange(50), rng.integers(1, 30, 50))

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.dag import ORDER, downstream, fingerprints
-from stages.config import ConfigError, load_config
+from stages.config import ConfigError, load_config, validate
 
 
 def test_overrides_are_typed():
@@ -33,6 +33,14 @@ def test_overrides_are_typed():
          "ref_logprobs.parquet cannot hold exactly (V floats per token); set unlearn.reference=model"),
         (["unlearn.methods=rmu", "unlearn.params.rmu.layer=2"],
          "rmu: unlearn.params.rmu.layer=2, but the model has layers 0..1 (target.num_layers=2)"),
+        (["unlearn.params.su.normalize=anwser"],
+         "unlearn.params.su.normalize must be one of selected | answer, got 'anwser' (did you mean 'answer'?)"),
+        (["unlearn.params.su.keep=lots"], "unlearn.params.su.keep: expected float, got 'lots'"),
+        (["unlearn.params.su_npo.keep=-1"], "unlearn.params.su_npo.keep must be >= 0"),
+        (["unlearn.params.su_npo.normalize=answer"], "su_npo has no parameter 'normalize' (it takes: beta, keep)"),
+        (["masks.score=logratio"], "masks.score must be one of prob_diff | log_ratio, got 'logratio' (did you mean"),
+        (["masks.auto_scale=log10"], "masks.auto_scale must be one of linear | log, got 'log10'"),
+        (["masks.score=log_ratio", "masks.gamma=-0.1"], "masks.gamma must be >= 0 (an absolute log ratio)"),
     ],
 )
 def test_bad_values_give_one_clear_line(overrides, message):
@@ -55,6 +63,19 @@ def test_method_parameters_from_flags_and_files(tmp_path):
     assert load_config("micro", config_file=path).unlearn.params == {"npo": {"beta": 0.3}}
     changed = fingerprints(load_config("micro")), fingerprints(cfg)
     assert [s for s in ORDER if changed[0][s]["fingerprint"] != changed[1][s]["fingerprint"]] == ["unlearn", "evaluate"]
+
+
+def test_choice_parameters_and_scores(tmp_path):
+    cfg = load_config("micro", overrides=["unlearn.params.su.normalize=answer", "unlearn.params.su.keep=0.5",
+                                          "masks.gamma=2.5", "masks.score=log_ratio"])
+    assert cfg.unlearn.params == {"su": {"normalize": "answer", "keep": 0.5}}
+    assert cfg.masks.score == "log_ratio" and cfg.masks.gamma == 2.5  # a log ratio has no upper bound
+    path = tmp_path / "run.yaml"
+    path.write_text("unlearn:\n  params:\n    su: {normalize: selected}\n")
+    assert load_config("micro", config_file=path).unlearn.params == {"su": {"normalize": "selected"}}
+    cfg.unlearn.params = {"su": {"normalize": "all"}}  # set in code: validate() checks it too
+    with pytest.raises(ConfigError, match="must be one of selected | answer"):
+        validate(cfg)
 
 
 def test_unknown_preset_suggests_closest():

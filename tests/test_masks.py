@@ -100,3 +100,76 @@ def test_gamma_that_selects_nothing_is_recorded(tmp_path, caplog):
     assert stats["tokens_selected"] == 0
     assert stats["warning"] == "no tokens selected"
     assert "selects no tokens" in caplog.text
+
+
+def _probabilities_table(tmp_path, p_a, p_b, gold):
+    """One document: a prompt token, then answer tokens with the given assistant probabilities."""
+    n = len(p_a) + 1
+    table = pa.table({
+        "doc_id": ["d0"] * n,
+        "position": list(range(n)),
+        "token_id": list(range(n)),
+        "p_a": [0.5, *p_a],
+        "p_b": [0.5, *p_b],
+        "score_diff": np.abs(np.array([0.5, *p_a]) - np.array([0.5, *p_b])),
+        "in_answer": [False] + [True] * (n - 1),
+        "gold": [None, *gold],
+    })
+    (tmp_path / "scores").mkdir()
+    write_table(table, tmp_path / "scores" / "token_scores.parquet")
+
+
+def test_log_ratio_selects_a_fact_both_assistants_find_unlikely(tmp_path):
+    # token 1 differs by 0.019 in probability but 20x in ratio; token 2 by 0.3 in probability, 1.6x in ratio
+    _probabilities_table(tmp_path, p_a=[0.02, 0.8, 0.4], p_b=[0.001, 0.5, 0.4], gold=[True, False, False])
+    out = tmp_path / "masks"
+    out.mkdir()
+    overrides = ["masks.window=0", "masks.gamma=1.0", "masks.score=log_ratio"]
+    stats = build_masks(load_config("micro", overrides=overrides), {"scores": tmp_path / "scores"}, out)
+    assert read_table(out / "masks.parquet")["selected"].to_pylist() == [False, True, False, False]
+    assert stats["score"] == "log_ratio" and stats["precision"] == 1.0
+    by_diff = build_masks(load_config("micro", overrides=["masks.window=0", "masks.gamma=0.1"]),
+                          {"scores": tmp_path / "scores"}, out)
+    assert read_table(out / "masks.parquet")["selected"].to_pylist() == [False, False, True, False]
+    assert by_diff["precision"] == 0.0
+
+
+def _small_differences(rng, n_template=1000, n_fact=1000, n_sharp=200):
+    """Scores like the embedded set's 5-gram pair: templates near 0, most facts a few hundredths apart, some near 1."""
+    template = 10 ** rng.uniform(-4, -2.7, n_template)
+    fact = 10 ** rng.uniform(-2.3, -0.5, n_fact)
+    sharp = rng.uniform(0.85, 1.0, n_sharp)
+    gold = np.concatenate([np.zeros(n_template, bool), np.ones(n_fact + n_sharp, bool)])
+    return np.concatenate([template, fact, sharp]), gold
+
+
+def test_auto_on_a_log_axis_finds_the_small_threshold_that_selects_better():
+    from stages.masks import auto_threshold, precision_recall
+
+    values, gold = _small_differences(np.random.default_rng(0))
+    linear = auto_threshold(values, "prob_diff", "linear")
+    log = auto_threshold(values, "prob_diff", "log")
+    assert linear > 0.1  # the split between near-0 and near-1 differences: it misses most facts
+    assert 10**-2.7 <= log <= 0.01  # near the valley between templates and facts
+    f1 = {}
+    for name, gamma in (("linear", linear), ("log", log)):
+        p, r = precision_recall(values > gamma, gold)
+        f1[name] = 2 * p * r / (p + r)
+    assert f1["log"] > 0.9 and f1["linear"] < 0.5
+
+
+@pytest.mark.parametrize("scale", ["linear", "log"])
+def test_auto_works_on_the_log_ratio(tmp_path, scale):
+    rng = np.random.default_rng(1)
+    # templates: ratios within 1 ± 0.002; facts: p_a 3-30x p_b
+    p_b = rng.uniform(0.01, 0.2, 400)
+    fact = np.arange(400) % 4 == 0
+    p_a = np.where(fact, p_b * 10 ** rng.uniform(0.5, 1.5, 400), p_b * rng.uniform(0.998, 1.002, 400)).clip(max=1)
+    _probabilities_table(tmp_path, p_a.tolist(), p_b.tolist(), fact.tolist())
+    out = tmp_path / "masks"
+    out.mkdir()
+    cfg = load_config("micro", overrides=["masks.window=0", "masks.score=log_ratio", f"masks.auto_scale={scale}"])
+    stats = build_masks(cfg, {"scores": tmp_path / "scores"}, out)
+    assert 0.002 < stats["gamma"] < np.log(3)  # above every template ratio, below every fact ratio
+    assert stats["gamma_rule"] == ("otsu" if scale == "linear" else "otsu_log")
+    assert stats["precision"] == 1.0 and stats["recall"] == 1.0

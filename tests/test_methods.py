@@ -16,6 +16,7 @@ ALPHA = 0.7
 FORGET_IDS = [[1, 3, 2, 4], [0, 2, 1, 0]]
 FORGET_ANSWER = [[2, 3], [1, 2]]  # answer positions (label != -100)
 FORGET_SELECTED = [[3], [1]]  # SU's selection: a subset of the answer positions
+FORGET_UNSELECTED = [[2], [2]]  # the answer positions the selection leaves out
 RETAIN_IDS = [[2, 0, 4, 1], [3, 3, 1, 2]]
 RETAIN_ANSWER = [[1, 2, 3], [2, 3]]
 IDK_IDS = [[1, 3, 0, 0], [0, 2, 4, 4]]
@@ -133,6 +134,12 @@ def after_first_answer_token(positions):
     return [[t for t in ts if t != answer[0]] for ts, answer in zip(positions, FORGET_ANSWER, strict=True)]
 
 
+def hand_weighted(weight) -> float:
+    """Mean over forget answer tokens of weight(p) · log p, p = the token's probability."""
+    logps = [logprob(FORGET_LOGITS, FORGET_IDS, b, t) for b, ts in enumerate(FORGET_ANSWER) for t in ts]
+    return sum(weight(math.exp(lp)) * lp for lp in logps) / len(logps)
+
+
 def expected(name: str) -> float:
     nll_f = hand_nll(FORGET_LOGITS, FORGET_IDS, FORGET_ANSWER)
     nll_r = hand_nll(RETAIN_LOGITS, RETAIN_IDS, RETAIN_ANSWER)
@@ -168,6 +175,10 @@ def expected(name: str) -> float:
         return -hand_nll(FORGET_LOGITS, FORGET_IDS, FORGET_SELECTED) + ALPHA * nll_r
     if name == "su_npo":
         return hand_npo(FORGET_SELECTED, 0.1) + ALPHA * nll_r
+    if name == "wga":  # open-unlearning's defaults: beta = 1, gamma = 1
+        return hand_weighted(lambda p: p) + ALPHA * nll_r
+    if name == "satimp":  # beta1 = 5, beta2 = 1, gamma = 0.1
+        return 0.1 * hand_weighted(lambda p: p**5 * (1 - p)) + ALPHA * nll_r
     positions = FORGET_SELECTED if name.startswith("su_") else FORGET_ANSWER
     if name in ("rmu", "su_rmu"):
         return hand_rmu(positions)
@@ -204,6 +215,7 @@ def outputs(selective: bool) -> Outputs:
     return Outputs(
         forget_logp=token_logprobs(logits["f"], ids["f"]),
         forget_mask=mask(FORGET_SELECTED if selective else FORGET_ANSWER),
+        forget_answer_mask=mask(FORGET_ANSWER),
         retain_logp=token_logprobs(logits["r"], ids["r"]),
         retain_mask=mask(RETAIN_ANSWER),
         ref_forget_logp=placed(REF_FORGET),
@@ -215,7 +227,6 @@ def outputs(selective: bool) -> Outputs:
         ref_retain_topk_ids=top_ids,
         forget_logits=logits["f"],
         forget_ids=ids["f"],
-        forget_answer_mask=mask(FORGET_ANSWER),
         forget_hidden=torch.tensor(FORGET_HIDDEN, dtype=torch.float32),
         retain_hidden=torch.tensor(RETAIN_HIDDEN, dtype=torch.float32),
         ref_retain_hidden=torch.tensor(REF_RETAIN_HIDDEN, dtype=torch.float32) * answer.unsqueeze(-1),
@@ -224,7 +235,7 @@ def outputs(selective: bool) -> Outputs:
     )
 
 
-ALL = ["ga", "graddiff", "kl", "npo", "npo_gd", "simnpo", "idkdpo", "su", "su_npo",
+ALL = ["ga", "graddiff", "kl", "npo", "npo_gd", "simnpo", "idkdpo", "su", "su_npo", "wga", "satimp",
        "rmu", "undial", "ce_u", "pdu", "su_rmu", "su_undial", "su_ce_u", "su_pdu"]  # fmt: skip
 
 
@@ -236,8 +247,47 @@ def test_loss_matches_hand_computation(name):
     assert got.item() == pytest.approx(expected(name), rel=1e-5, abs=1e-5)
 
 
+KEEP = 0.6
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("su", {"normalize": "answer"}), ("su", {"keep": KEEP}), ("su", {"normalize": "answer", "keep": KEEP}),
+     ("su_npo", {"keep": KEEP})],
+)
+def test_selective_variants_match_hand_computation(name, params):
+    nll_r = hand_nll(RETAIN_LOGITS, RETAIN_IDS, RETAIN_ANSWER)
+    if params.get("normalize") == "answer":  # the selected tokens' CE summed, over every answer token (4, not 2)
+        selected_ce = -sum(hand_seq(FORGET_LOGITS, FORGET_IDS, FORGET_SELECTED))
+        forget = -selected_ce / sum(map(len, FORGET_ANSWER)) + ALPHA * nll_r
+    else:
+        forget = expected(name)
+    kept = hand_nll(FORGET_LOGITS, FORGET_IDS, FORGET_UNSELECTED)
+    got = METHODS[name].with_params(params)(outputs(selective=True), ALPHA)
+    assert got.item() == pytest.approx(forget + params.get("keep", 0.0) * kept, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize(("name", "weight"), [("wga", lambda p: p), ("satimp", lambda p: 0.1 * p**5 * (1 - p))])
+def test_token_weights_are_constants_of_the_gradient(name, weight):
+    # open-unlearning detaches the weights: d loss / d log p_t = gamma · w(p_t) / (number of forget answer tokens)
+    out = outputs(selective=False)
+    logp = out.forget_logp.detach().requires_grad_(True)
+    out.forget_logp = logp
+    METHODS[name](out, ALPHA).backward()
+    n = sum(map(len, FORGET_ANSWER))
+    for b, ts in enumerate(FORGET_ANSWER):
+        for t in ts:
+            p = math.exp(logprob(FORGET_LOGITS, FORGET_IDS, b, t))
+            assert logp.grad[b, t].item() == pytest.approx(weight(p) / n, rel=1e-4, abs=1e-7)
+    assert logp.grad[0, 1].item() == 0.0  # a prompt position
+
+
 def test_registry_flags_and_defaults():
     assert set(METHODS) == set(ALL)
+    assert METHODS["wga"].params == {"beta": 1.0, "gamma": 1.0}
+    assert METHODS["satimp"].params == {"beta1": 5.0, "beta2": 1.0, "gamma": 0.1}
+    assert METHODS["su"].params == {"normalize": "selected", "keep": 0.0}
+    assert METHODS["su_npo"].params == {"beta": 0.1, "keep": 0.0}
     assert METHODS["simnpo"].params == {"beta": 4.5, "delta": 0.0, "gamma": 0.125}
     assert METHODS["npo"].params == {"beta": 0.1} and METHODS["idkdpo"].params == {"beta": 0.1}
     assert METHODS["rmu"].params == {"steering_coeff": 300.0, "retain_scale": 1000.0, "layer": -1.0}
@@ -313,3 +363,14 @@ def test_ce_u_target_is_held_constant():
     q = [0.0 if v == y else p[v] / (1 - p[y]) for v in range(V)]
     want = [(pv - qv) / 2 for pv, qv in zip(p, q, strict=True)]  # two positions in the mean
     assert out.forget_logits.grad[0, 2].tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_methods_command_lists_every_method_with_its_parameters(capsys):
+    from pipeline.cli import main
+
+    main(["methods"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name, spec in METHODS.items():
+        shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.params.items()]
+        assert all(s in lines[name] for s in shown), lines[name]
+    assert "beta1=5, beta2=1, gamma=0.1" in lines["satimp"] and "beta=1, gamma=1" in lines["wga"]

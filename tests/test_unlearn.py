@@ -116,13 +116,44 @@ def test_reference_matches_the_untouched_model(tiny):
     engine.destroy()
 
 
+def test_selective_variants_read_every_answer_token_of_the_batch(tiny):
+    """normalize=answer rescales su's ascent by |selected| / |answer|; keep adds λ · the Hugging Face loss on the
+    unselected answer tokens, counted here from the batch itself, independently of step_outputs."""
+    import deepspeed
+
+    path, data = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(UnlearnConfig(), 1))
+    rows = np.arange(4)
+    batch = collate(data.forget, rows, PAD)
+    unselected = torch.where(batch.answer_mask & ~batch.selected, batch.input_ids, -100)
+    with torch.no_grad():
+        kept = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=unselected).loss.item()
+    losses = {}
+    for name, params in [("selected", {}), ("answer", {"normalize": "answer"}), ("keep", {"keep": 0.5})]:
+        spec = METHODS["su"].with_params(params)
+        outputs, _, retain = step_outputs(engine, spec, data, rows, rows)
+        losses[name] = spec(outputs, 1.0).item() - retain.item()  # the retain NLL over all its answer tokens
+    share = (batch.answer_mask & batch.selected).sum().item() / batch.answer_mask.sum().item()
+    assert 0 < share < 1
+    assert losses["answer"] == pytest.approx(losses["selected"] * share, rel=1e-4)
+    assert losses["keep"] - losses["selected"] == pytest.approx(0.5 * kept, rel=1e-4)
+    engine.destroy()
+
+
+# SatImp's weight p^5 · (1 − p) is ~0.005 on a target that memorised its answers (p ≈ 0.995): at its γ = 0.1 the
+# retain NLL outweighs its ascent 2000 to 1 and six steps barely move it (forget NLL 0.0052 -> 0.0062)
+STRONGER = {"satimp": {"gamma": 1000.0}}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_raises_the_forget_nll(tiny, tmp_path, name):
     path, data = tiny
     data = with_model_reference(data, path) if METHODS[name].needs_reference_model else data
     # rmu trains a single matrix here (the down_proj of a one-layer model), so it gets a larger step
     u = UnlearnConfig(methods=[name], lr=3e-2 if METHODS[name].updates else 3e-3, epochs=3, batch_size=2)
-    rows, stats = train_method(u, METHODS[name], data, path, tmp_path)
+    rows, stats = train_method(u, METHODS[name].with_params(STRONGER.get(name, {})), data, path, tmp_path)
     assert stats["steps"] == len(rows) == 6
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert forget_nll(tmp_path / name, data.forget) > 1.5 * forget_nll(path, data.forget)  # the target's is ~0.005

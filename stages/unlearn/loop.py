@@ -424,11 +424,11 @@ def step_outputs(
     outputs = Outputs(
         forget_logp=forget_logp,
         forget_mask=(forget.labels(spec.selective) != -100).to(device),
+        forget_answer_mask=forget.answer_mask.to(device),
         retain_logp=retain_logp,
         retain_mask=retain.answer_mask.to(device),
         forget_logits=forget_logits,
         forget_ids=forget.input_ids.to(device),
-        forget_answer_mask=forget.answer_mask.to(device),
         forget_hidden=forget_hidden,
         retain_hidden=retain_hidden,
         epoch=epoch,

@@ -20,6 +20,11 @@ not log-probs (the frozen model's layer output on retain tokens, cached exactly;
 which only `unlearn.reference=model` gives). rmu also declares the only parameters it updates (`updates`). Like every
 loss here they average over the masked positions (answer tokens, or the selected ones), where open-unlearning's
 UNDIAL and PDU average over every position of the batch, question and padding included.
+
+Selective methods (su, su_npo) take `keep = λ`: λ · NLL on the forget answer tokens left unselected, so the template
+around the facts is trained to stay. `su` also takes `normalize`: `selected` averages the ascent over the selected
+tokens, `answer` sums it over them and divides by every forget answer token of the batch, so each selected token gets
+the push GradDiff gives it. su_npo has no `normalize`: NPO's logπ(y|x) is a sum over tokens, with no mean to rescale.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ def nll(logp: Tensor, mask: Tensor) -> Tensor:
 def sequence_logprob(logp: Tensor, mask: Tensor) -> Tensor:
     """(B,) logπ(y|x): the sum of masked token log-probs of each sequence."""
     return (logp * mask).sum(-1)
+
+
+def weighted_logprob(logp: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
+    """Mean over the masked tokens of the batch of weight · log p; `weight` (B, T) is detached, as a constant."""
+    return (weight.detach() * logp * mask).sum() / mask.sum().clamp(min=1)
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, beta: float) -> Tensor:
@@ -103,6 +113,7 @@ class Outputs:
     forget_mask: Tensor  # answer tokens; only the selected ones for selective methods
     retain_logp: Tensor
     retain_mask: Tensor
+    forget_answer_mask: Tensor | None = None  # every forget answer token, selected or not
     ref_forget_logp: Tensor | None = None  # reference token log-probs at the same positions
     idk_logp: Tensor | None = None  # the forget prompts answered with a refusal
     idk_mask: Tensor | None = None
@@ -112,7 +123,6 @@ class Outputs:
     ref_retain_topk_ids: Tensor | None = None
     forget_logits: Tensor | None = None  # (B, T, V); row t predicts x_{t+1}
     forget_ids: Tensor | None = None  # (B, T) input ids of the forget batch
-    forget_answer_mask: Tensor | None = None  # every forget answer token, selected or not
     forget_hidden: Tensor | None = None  # (B, T, d) output of decoder layer spec.layer() (inputs "hidden")
     retain_hidden: Tensor | None = None
     ref_retain_hidden: Tensor | None = None  # the frozen model's, at retain answer positions (0 elsewhere)
@@ -235,14 +245,50 @@ def pdu(o: Outputs, alpha: float, retain_loss_eps: float, dual_step_size: float,
     return loss
 
 
+def ascent_nll(o: Outputs, normalize: str) -> Tensor:
+    """NLL of the selected forget tokens, averaged over them (`selected`) or over every answer token (`answer`)."""
+    if normalize == "answer":
+        return -(o.forget_logp * o.forget_mask).sum() / o.forget_answer_mask.sum().clamp(min=1)
+    return nll(o.forget_logp, o.forget_mask)
+
+
+def kept_nll(o: Outputs) -> Tensor:
+    """NLL of the forget answer tokens the selection left out (what `keep` trains to stay)."""
+    return nll(o.forget_logp, o.forget_answer_mask & ~o.forget_mask)
+
+
+def su(o: Outputs, alpha: float, normalize: str, keep: float) -> Tensor:
+    loss = -ascent_nll(o, normalize) + alpha * nll(o.retain_logp, o.retain_mask)
+    return loss + keep * kept_nll(o) if keep else loss
+
+
+def su_npo(o: Outputs, alpha: float, beta: float, keep: float) -> Tensor:
+    loss = npo_gd(o, alpha, beta)
+    return loss + keep * kept_nll(o) if keep else loss
+
+
+def wga(o: Outputs, alpha: float, beta: float, gamma: float) -> Tensor:
+    """Weighted gradient ascent (arXiv 2502.19301): each forget token's ascent weighted by p^β, p its probability."""
+    weight = o.forget_logp.exp() ** beta
+    return gamma * weighted_logprob(o.forget_logp, o.forget_mask, weight) + alpha * nll(o.retain_logp, o.retain_mask)
+
+
+def satimp(o: Outputs, alpha: float, beta1: float, beta2: float, gamma: float) -> Tensor:
+    """SatImp (arXiv 2505.11953): weight p^β1 · (1 − p)^β2, which favours tokens neither forgotten nor near-certain."""
+    p = o.forget_logp.exp()
+    weight = p**beta1 * (1 - p) ** beta2
+    return gamma * weighted_logprob(o.forget_logp, o.forget_mask, weight) + alpha * nll(o.retain_logp, o.retain_mask)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     loss: Callable[..., Tensor]  # loss(outputs, alpha, **params) -> scalar
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float | str] = field(default_factory=dict)
     # reference values it reads: forget | idk | retain (top-k on retain tokens) | retain_hidden (the output of layer
     # spec.layer() on retain tokens) | forget_logits (full logits on the forget batch)
     reference: tuple[str, ...] = ()
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the values a str-valued parameter may take
     selective: bool = False  # forget_mask keeps only the tokens selected in masks.parquet
     description: str = ""  # what it does, in one line (`sunlearn methods`)
     inputs: tuple[str, ...] = ()  # what else it reads of the model: logits (forget) | hidden (decoder layer outputs)
@@ -258,7 +304,7 @@ class MethodSpec:
     def needs_idk(self) -> bool:  # reads idk_logp / idk_mask: the forget prompts answered with a refusal
         return "idk" in self.reference
 
-    def with_params(self, overrides: dict[str, float]) -> MethodSpec:
+    def with_params(self, overrides: dict[str, float | str]) -> MethodSpec:
         """The same method with some of its parameters replaced (unlearn.params.<name>)."""
         return replace(self, params={**self.params, **overrides})
 
@@ -328,10 +374,17 @@ METHODS: dict[str, MethodSpec] = {
                    description="IdkDPO (open-unlearning DPO): prefers an 'I don't know' answer to the forget "
                    "answer; plus NLL on retain"),
         # the seed paper's method: GradDiff on the selected tokens only
-        MethodSpec("su", graddiff, selective=True,
+        MethodSpec("su", su, {"normalize": "selected", "keep": 0.0}, choices={"normalize": ("selected", "answer")},
+                   selective=True,
                    description="SU (the seed paper): graddiff with the ascent on the selected forget tokens only"),
-        MethodSpec("su_npo", npo_gd, {"beta": 0.1}, reference=("forget",), selective=True,
+        MethodSpec("su_npo", su_npo, {"beta": 0.1, "keep": 0.0}, reference=("forget",), selective=True,
                    description="npo_gd with log p summed over the selected forget tokens only"),
+        # open-unlearning's defaults (configs/trainer/WGA.yaml, SatImp.yaml); their alpha is unlearn.alpha
+        MethodSpec("wga", wga, {"beta": 1.0, "gamma": 1.0},
+                   description="WGA: gradient ascent with each forget token weighted by p^beta; plus NLL on retain"),
+        MethodSpec("satimp", satimp, {"beta1": 5.0, "beta2": 1.0, "gamma": 0.1},
+                   description="SatImp: ascent weighted by p^beta1 (1-p)^beta2, favouring tokens neither forgotten nor "
+                   "certain; plus NLL on retain"),
         MethodSpec("rmu", rmu, RMU_PARAMS, reference=("retain_hidden",), inputs=("hidden",), updates=RMU_UPDATES,
                    description="RMU: steers a middle layer's output on forget tokens to a fixed random vector, "
                    "keeps it on retain"),
