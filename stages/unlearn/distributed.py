@@ -84,5 +84,6 @@ def launch(
             raise UnlearnDiverged((job / "diverged.txt").read_text())
         if code != 0:
             launcher = f"DeepSpeed's launcher with {hostfile}" if hostfile else f"torchrun with {num_procs} processes"
-            raise RuntimeError(f"{entry}: {launcher} exited with {code}; see its output above")
+            what = "unlearn" if entry == UNLEARN_ENTRY else "target fine-tune"
+            raise RuntimeError(f"{what}: {launcher} exited with {code}; see its output above")
         return json.loads((job / "stats.json").read_text())
