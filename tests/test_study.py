@@ -89,3 +89,18 @@ def test_check_finds_the_page_stale_after_the_study_file_changes(micro_study, tm
 def test_a_bad_study_file_is_one_clear_line(tree, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_study(_write(tmp_path / "bad.yaml", tree))
+
+
+def test_a_micro_run_with_snapshots_has_every_method_at_several_steps_and_curves(tmp_path, prefect_harness):
+    from pipeline.flows import pipeline_flow
+
+    summary = pipeline_flow(preset="micro", overrides=["unlearn.snapshot_every=1"], artifacts=str(tmp_path))
+    steps: dict[str, set[int]] = {}
+    for row in summary["metrics"]:
+        steps.setdefault(row["model"], set()).add(row["step"])
+    assert steps["target"] == steps["retain"] == {0}
+    for method in ("su", "graddiff"):
+        assert len(steps[method]) > 1, steps
+    evaluate = next(s for s in summary["stages"] if s["name"] == "evaluate")
+    assert (Path(evaluate["path"]) / "curves.png").stat().st_size > 10_000
+    assert "## Model utility at matched forgetting" in (Path(evaluate["path"]) / "results.md").read_text()
