@@ -47,6 +47,11 @@ class Study:
     overrides: list[str] = field(default_factory=list)
     variants: dict[str, list[str]] = field(default_factory=dict)  # label -> overrides; empty: one unnamed variant
     grid: dict[str, list[str]] = field(default_factory=dict)
+    variant_grids: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # a variant's own grid values
+
+    def grid_of(self, variant: str) -> dict[str, list[str]]:
+        """The grid a variant runs: the study's, with the variant's own values (its `grid:`) in their place."""
+        return {**self.grid, **self.variant_grids.get(variant, {})}
     seeds_key: str | None = "unlearn.seed"
     snapshot_every: int | None = None  # None: the preset's own setting
     axes: list[str] = field(default_factory=lambda: list(AXES))
@@ -70,6 +75,13 @@ def _pairs(tree: Any, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a mapping of config keys or a list of key=value, got {tree!r}")
 
 
+def _grid(tree: Any, where: str) -> dict[str, list[str]]:
+    tree = tree or {}
+    if not isinstance(tree, dict) or not all(isinstance(v, list) and v for v in tree.values()):
+        raise ConfigError(f"{where} must map config keys to non-empty lists of values")
+    return {str(k): [str(v) for v in values] for k, values in tree.items()}
+
+
 def _text(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -85,12 +97,16 @@ def load_study(path: str | Path) -> Study:
     for key in tree:
         if key not in FIELDS:
             raise ConfigError(f"{path}: unknown field {key!r}{suggest(key, FIELDS)}")
-    grid = tree.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: grid must map config keys to non-empty lists of values")
+    grid = _grid(tree.get("grid"), f"{path}: grid")
     variants = tree.get("variants") or {}
     if not isinstance(variants, dict):
         raise ConfigError(f"{path}: variants must map a label to its overrides")
+    variant_grids = {}
+    for label, overrides in variants.items():
+        if isinstance(overrides, dict) and "grid" in overrides:  # config keys are dotted, so `grid` is never one
+            overrides = dict(overrides)
+            variant_grids[str(label)] = _grid(overrides.pop("grid"), f"{path}: variant {label}: grid")
+            variants[label] = overrides
     axes = list(tree.get("axes") or AXES)
     for axis in axes:
         if axis not in AXES:
@@ -103,7 +119,8 @@ def load_study(path: str | Path) -> Study:
         preset=str(tree.get("preset", "embedded")),
         overrides=_pairs(tree.get("overrides"), f"{path}: overrides"),
         variants={str(k): _pairs(v, f"{path}: variant {k}") for k, v in variants.items()},
-        grid={str(k): [str(v) for v in values] for k, values in grid.items()},
+        grid=grid,
+        variant_grids=variant_grids,
         seeds_key=tree.get("seeds_key", "unlearn.seed"),
         snapshot_every=int(every) if every is not None else None,
         axes=axes,
@@ -118,10 +135,11 @@ def study_points(study: Study) -> list[Point]:
     base = [*study.overrides]
     if study.snapshot_every is not None:
         base.append(f"unlearn.snapshot_every={study.snapshot_every}")
-    keys = list(study.grid)
     points = []
     for variant, extra in (study.variants or {"": []}).items():
-        for combo in itertools.product(*(study.grid[k] for k in keys)):
+        grid = study.grid_of(variant)
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
             points.append(Point(variant, values, [*base, *extra, *(f"{k}={v}" for k, v in values.items())]))
     return points
@@ -206,7 +224,9 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         "## Set-up",
         "",
         f"- preset `{study.preset}`" + (f", overrides `{' '.join(study.overrides)}`" if study.overrides else ""),
-        *(f"- variant `{name}`: `{' '.join(extra) or '(preset as is)'}`" for name, extra in study.variants.items()),
+        *(f"- variant `{name}`: `{' '.join(extra) or '(preset as is)'}`"
+          + "".join(f"; its own grid `{k}`: {', '.join(v)}" for k, v in study.variant_grids.get(name, {}).items())
+          for name, extra in study.variants.items()),
         *(f"- grid `{key}`: {', '.join(values)}" for key, values in study.grid.items()),
         f"- snapshots every {study.snapshot_every} optimizer steps" if study.snapshot_every else
         "- no snapshots: each curve runs from the target (step 0) to the final model",

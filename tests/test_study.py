@@ -85,10 +85,22 @@ def test_check_finds_the_page_stale_after_the_study_file_changes(micro_study, tm
     ({"presett": "micro"}, "did you mean 'preset'"),
     ({"preset": "micro", "axes": ["forget_qualty"]}, "did you mean 'forget_quality'"),
     ({"preset": "micro", "grid": {"masks.gama": [0.3]}}, "unknown config key 'masks.gama'"),
+    ({"preset": "micro", "variants": {"su": {"grid": {"unlearn.seed": 3}}}}, "variant su: grid must map"),
 ])
 def test_a_bad_study_file_is_one_clear_line(tree, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         load_study(_write(tmp_path / "bad.yaml", tree))
+
+
+def test_a_variant_grid_replaces_the_study_grid_for_that_variant_only(tmp_path):
+    tree = {"preset": "micro", "grid": {"unlearn.seed": [0, 1, 2]},
+            "variants": {"su": {"unlearn.methods": "su"},
+                         "wga": {"unlearn.methods": "wga", "grid": {"unlearn.seed": [0]}}}}
+    points = study_points(load_study(_write(tmp_path / "grids.yaml", tree)))
+    assert [(p.variant, p.values) for p in points] == [
+        ("su", {"unlearn.seed": "0"}), ("su", {"unlearn.seed": "1"}), ("su", {"unlearn.seed": "2"}),
+        ("wga", {"unlearn.seed": "0"})]
+    assert points[-1].overrides[-2:] == ["unlearn.methods=wga", "unlearn.seed=0"]
 
 
 def test_a_micro_run_with_snapshots_has_every_method_at_several_steps_and_curves(tmp_path, prefect_harness):

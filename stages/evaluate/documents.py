@@ -11,13 +11,12 @@ The suite runs on data without TOFU's or MUSE's evaluation splits.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
 from stages import metrics as M
 from stages.evaluate import muse, tofu
-from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean
+from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean, privleak
 from stages.scoring import AnswerScores, score_sequences
 
 PRIVLEAK_SETS = ("doc_privleak_forget", "doc_holdout")
@@ -80,14 +79,6 @@ NLL = ItemValue("nll", lambda p: p.nll_avg)
 FACT_RECALL = ItemValue("fact_recall", lambda p: M.fact_recall(p.generations, [fact_words(r) for r in p.rows]))
 
 
-def _privleak(values, items, retain_items, reference) -> float:
-    def auc(of: dict) -> float:
-        return M.forget_holdout_auc(*(of[name]["min_k"] for name in PRIVLEAK_SETS))
-
-    have_retain = retain_items and all(name in retain_items for name in PRIVLEAK_SETS)
-    retain_auc = auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan)
-    return M.privleak(auc(items), retain_auc)
-
 
 def _qa_metrics(qa: tofu.QASet, better: str, what: str) -> list[Metric]:
     return [
@@ -104,7 +95,7 @@ METRICS: list[Metric | Derived] = [
     Metric("retain_nll", "doc_retain", NLL, nanmean, LOWER, "mean per-token NLL of the first retain rows"),
     Metric("doc_verbmem_f", "doc_verbmem", muse.ROUGE_F1, mean, LOWER,
            "ROUGE-L F1 of continuations of forget-document prefixes"),
-    Derived("doc_privleak", PRIVLEAK_SETS, (muse.MIN_K,), _privleak, ZERO,
+    Derived("doc_privleak", PRIVLEAK_SETS, (muse.MIN_K,), privleak(*PRIVLEAK_SETS), ZERO,
             "Min-K% AUC of forget documents against the holdout, relative to the retain model's (0 is best)"),
     *_qa_metrics(FORGET_QA, LOWER, "forget QA pairs"),
     *_qa_metrics(RETAIN_QA, HIGHER, "retain QA pairs"),

@@ -3,7 +3,6 @@ docs/metrics.md."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from stages import metrics as M
 from stages.common import prompt_text
-from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean
+from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, privleak
 from stages.scoring import generate_greedy, score_sequences, text_ids
 
 # generation lengths and stop strings as muse_bench, capped by evaluate.max_new_tokens
@@ -69,20 +68,12 @@ GENERATION = ItemValue("generation", lambda p: p.generations, text=True)
 MIN_K = ItemValue("min_k", lambda p: M.min_k_percent(p.token_logprobs))
 
 
-def _privleak(values, items, retain_items, reference) -> float:
-    def auc(of: dict) -> float:
-        return M.forget_holdout_auc(*(of[name]["min_k"] for name in PRIVLEAK_SETS))
-
-    have_retain = retain_items and all(name in retain_items for name in PRIVLEAK_SETS)
-    retain_auc = auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan)
-    return M.privleak(auc(items), retain_auc)
-
 
 METRICS: list[Metric | Derived] = [
     Metric("verbmem_f", "verbmem", ROUGE_F1, mean, LOWER, "ROUGE-L F1 of continuations of forget-article prefixes"),
     Metric("knowmem_f", "knowmem_forget", ROUGE_F1, mean, LOWER, "ROUGE-L F1 of answers to forget-set questions"),
     Metric("knowmem_r", "knowmem_retain", ROUGE_F1, mean, HIGHER, "ROUGE-L F1 of answers to retain-set questions"),
-    Derived("privleak", PRIVLEAK_SETS, (MIN_K,), _privleak, ZERO,
+    Derived("privleak", PRIVLEAK_SETS, (MIN_K,), privleak(*PRIVLEAK_SETS), ZERO,
             "Min-K% AUC of forget against holdout texts, relative to the retain model's (0 is best)"),
 ]
 STORED = {name: (GENERATION,) for name in ("verbmem", *KNOWMEM_SETS)}

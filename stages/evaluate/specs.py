@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from stages import metrics as M
+
 HIGHER, LOWER, ZERO = "higher", "lower", "zero"  # which value is better
 
 
@@ -62,3 +64,15 @@ def nanmean(values: np.ndarray) -> float:
 
 def mean(values: np.ndarray) -> float:
     return float(np.mean(np.asarray(values, dtype=np.float64)))
+
+
+def privleak(forget_set: str, holdout_set: str) -> Callable[..., float]:
+    """MUSE's PrivLeak as a Derived function: the Min-K% AUC of `forget_set` against `holdout_set`, relative to the
+    retain model's AUC (or, without the retain model's items, a retain log's `privleak_auc`)."""
+    def derive(values, items, retain_items, reference) -> float:
+        def auc(of: dict) -> float:
+            return M.forget_holdout_auc(of[forget_set]["min_k"], of[holdout_set]["min_k"])
+
+        have_retain = retain_items and forget_set in retain_items and holdout_set in retain_items
+        return M.privleak(auc(items), auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan))
+    return derive

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stages import metrics as M
-from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean
+from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean, privleak
 from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 
@@ -166,15 +166,6 @@ def _model_utility(values, items, retain_items, reference) -> float:
     return M.model_utility([values.get(m, math.nan) for m in UTILITY_INPUTS])
 
 
-def _privleak(values, items, retain_items, reference) -> float:
-    """MUSE's PrivLeak on TOFU as open-unlearning's TOFU suite computes it: Min-K% AUC of forget against holdout
-    answers, relative to the retain model's AUC (or a retain log's mia_min_k)."""
-    def auc(of: dict) -> float:
-        return M.forget_holdout_auc(of["forget"]["min_k"], of[HOLDOUT]["min_k"])
-
-    have_retain = retain_items and HOLDOUT in retain_items
-    return M.privleak(auc(items), auc(retain_items) if have_retain else reference.get("privleak_auc", math.nan))
-
 
 FORGET, RETAIN, RA, WF = QA_SETS
 METRICS: list[Metric | Derived] = [
@@ -197,7 +188,7 @@ METRICS: list[Metric | Derived] = [
            "mean NLL of the forget answers' gold tokens (names, facts), where the data set marks them"),
     Metric("forget_template_nll", "forget", TEMPLATE_NLL, nanmean, LOWER,
            "mean NLL of the forget answers' other tokens (the template SU means to keep)"),
-    Derived("tofu_privleak", ("forget", HOLDOUT), (MIN_K,), _privleak, ZERO,
+    Derived("tofu_privleak", ("forget", HOLDOUT), (MIN_K,), privleak("forget", HOLDOUT), ZERO,
             "Min-K% AUC of forget against holdout answers, relative to the retain model's (0 is best)"),
 ]
 STORED = {qa.split: (GENERATION,) for qa in QA_SETS}  # kept per item for reading; no metric aggregates them
