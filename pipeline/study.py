@@ -27,13 +27,15 @@ import yaml
 from pipeline.dag import ORDER, fingerprints
 from schemas import write_json_atomic
 from stages.config import ConfigError, load_config, suggest
-from stages.curves import AXES, Curve, curves_from_metrics, matched_table
+from stages.curves import AXES, Curve, common_level, curves_from_metrics, matched, matched_table
 from stages.environment import REPO
 
 STUDIES_DIR = REPO / "studies"
 RESULTS_DIR = REPO / "docs" / "results"
 README = REPO / "README.md"  # its <!-- study:NAME --> blocks are rewritten from the page, never by hand
 FIELDS = ("description", "preset", "overrides", "variants", "grid", "seeds_key", "snapshot_every", "axes")
+BASELINES = ("graddiff", "npo_gd")  # the SU issue's bar: graddiff + MARGIN, and at least npo_gd
+MARGIN = 0.05
 HEADLINE = ("forget_quality", "model_utility", "forget_fact_recall", "forget_rouge", "retain_rouge", "forget_prob",
             "forget_truth_ratio", "verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
@@ -236,6 +238,9 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         matched_markdown(rows).rstrip() or "No matched comparison: no curve has a forget axis value.",
         "",
     ]
+    versus = head_to_head(curves, selective_labels(study, results), study.axes[0])
+    if versus:
+        page += [versus_markdown(versus, study.axes[0]), ""]
     if has_png:
         page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
     final = final_markdown(curves, references)
@@ -253,6 +258,83 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     if out_dir.resolve() == RESULTS_DIR.resolve():
         update_readme(study.name, record["excerpt"])
     return md
+
+
+def selective_labels(study: Study, results: list[dict[str, Any]]) -> list[str]:
+    """The curve labels (variants) whose method trains on SU's selection, in the page's order."""
+    from stages.unlearn import METHODS
+
+    labels = {}
+    for result in results:
+        point = result["point"]
+        methods = load_config(study.preset, overrides=point.overrides).unlearn.methods
+        for method in methods:
+            if METHODS[method].selective:
+                labels[point_label(point, method, len(methods))] = None
+    return list(labels)
+
+
+def head_to_head(curves: list[Curve], selective: list[str], axis_name: str) -> list[dict[str, Any]]:
+    """Per selective variant, its model utility at the strongest forgetting that every seed of both baselines
+    reaches, beside theirs; empty without both baselines. A variant that does not reach the level cannot meet the
+    bar: forgetting less is not keeping more."""
+    axis = AXES[axis_name]
+    own = {label: [c for c in curves if c.method == label] for label in dict.fromkeys(c.method for c in curves)}
+    if not all(own.get(b) for b in BASELINES):
+        return []
+    level = common_level([c for b in BASELINES for c in own[b]], axis)
+    if not math.isfinite(level):
+        return []
+    gd, npo = matched([c for b in BASELINES for c in own[b]], axis, level, "baselines")
+    rows = []
+    for label in selective:
+        if not own.get(label):
+            continue
+        (mine,) = matched(own[label], axis, level, "baselines")
+        reached = mine.n == mine.total
+        rows.append({"variant": label, "level": level, "mine": mine, "graddiff": gd, "npo_gd": npo,
+                     "vs_graddiff": mine.mean - gd.mean, "vs_npo_gd": mine.mean - npo.mean,
+                     "met": reached and mine.mean >= gd.mean + MARGIN and mine.mean >= npo.mean})
+    return rows
+
+
+def versus_markdown(rows: list[dict[str, Any]], axis: str) -> str:
+    from stages.reports import _cell
+
+    def cell(m) -> str:
+        return f"{_cell(m.mean)} ± {_cell(m.std)}" if math.isfinite(m.std) else _cell(m.mean)
+
+    lines = [
+        "## Selective variants against the baselines",
+        "",
+        f"Each selective variant's model utility where its curve first reaches the strongest {axis} that every seed "
+        f"of {BASELINES[0]} and {BASELINES[1]} reaches, beside theirs (mean ± std over seeds; n = seeds that reach "
+        f"it). The bar: every seed reaches it, at least {BASELINES[0]} + {MARGIN} and at least {BASELINES[1]}.",
+        "",
+        f"| variant | {axis} | n | variant's model_utility | {BASELINES[0]} | {BASELINES[1]} | vs {BASELINES[0]} | "
+        f"vs {BASELINES[1]} | bar met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        mine = r["mine"]
+        if mine.n == 0:
+            lines.append(f"| {r['variant']} | {_cell(r['level'])} | 0/{mine.total} | not reached | "
+                         f"{cell(r['graddiff'])} | {cell(r['npo_gd'])} | – | – | no |")
+            continue
+        lines.append(f"| {r['variant']} | {_cell(r['level'])} | {mine.n}/{mine.total} | {cell(mine)} | "
+                     f"{cell(r['graddiff'])} | {cell(r['npo_gd'])} | {r['vs_graddiff']:+.3f} | {r['vs_npo_gd']:+.3f} | "
+                     f"{'yes' if r['met'] else 'no'} |")
+    met = [r for r in rows if r["met"]]
+    reached = [r for r in rows if r["mine"].n == r["mine"].total]
+    if met:
+        lines += ["", f"Bar met by {', '.join(r['variant'] for r in met)}."]
+    elif reached:
+        best = max(reached, key=lambda r: min(r["vs_graddiff"] - MARGIN, r["vs_npo_gd"]))
+        lines += ["", f"No variant meets the bar. Closest: {best['variant']}, {best['vs_graddiff']:+.3f} against "
+                  f"{BASELINES[0]} and {best['vs_npo_gd']:+.3f} against {BASELINES[1]}."]
+    else:
+        lines += ["", "No variant meets the bar: none reaches the level on every seed."]
+    return "\n".join(lines)
 
 
 def readme_excerpt(study: Study, final: str, headline: list) -> str:

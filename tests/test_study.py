@@ -4,6 +4,7 @@ an edit to code a stage imports (in a copy of the repository) or to the study fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.study import check_study, load_study, run_study, study_points
+from pipeline.study import check_study, head_to_head, load_study, run_study, study_points, versus_markdown
 from stages.code_version import REPO
 from stages.config import ConfigError
+from stages.curves import Curve
 
 MICRO = {"preset": "micro", "overrides": {"evaluate.max_new_tokens": 4}, "grid": {"unlearn.seed": [0, 1]}}
 
@@ -101,6 +103,28 @@ def test_a_variant_grid_replaces_the_study_grid_for_that_variant_only(tmp_path):
         ("su", {"unlearn.seed": "0"}), ("su", {"unlearn.seed": "1"}), ("su", {"unlearn.seed": "2"}),
         ("wga", {"unlearn.seed": "0"})]
     assert points[-1].overrides[-2:] == ["unlearn.methods=wga", "unlearn.seed=0"]
+
+
+def _curve(method: str, quality: list[float], utility: list[float]) -> Curve:
+    metrics = [{"forget_quality": q, "model_utility": u} for q, u in zip(quality, utility, strict=True)]
+    return Curve(method, "", [0, 10], metrics)
+
+
+def test_head_to_head_reads_each_variant_at_the_forgetting_both_baselines_reach():
+    curves = [_curve("graddiff", [0.01, 0.5], [0.8, 0.4]), _curve("npo_gd", [0.01, 1.0], [0.8, 0.6]),
+              _curve("su", [0.01, 0.5], [0.8, 0.7]), _curve("su_weak", [0.01, 0.5], [0.8, 0.42]),
+              _curve("su_short", [0.01, 0.1], [0.8, 0.79])]
+    rows = {r["variant"]: r for r in head_to_head(curves, ["su", "su_weak", "su_short"], "forget_quality")}
+    assert [r["level"] for r in rows.values()] == pytest.approx([0.5] * 3)  # graddiff's best; npo_gd goes further
+    # npo_gd interpolated on the log axis: 0.8 - 0.2 * (log10(0.5) + 2) / 2
+    assert rows["su"]["npo_gd"].mean == pytest.approx(0.8 - 0.2 * (math.log10(0.5) + 2) / 2)
+    assert rows["su"]["vs_graddiff"] == pytest.approx(0.3) and rows["su"]["met"]
+    assert not rows["su_weak"]["met"]  # +0.02 over graddiff is under the bar
+    assert rows["su_short"]["mine"].n == 0 and not rows["su_short"]["met"]  # forgetting less is not keeping more
+    page = versus_markdown(list(rows.values()), "forget_quality")
+    assert "Bar met by su." in page and "| su_short | 0.500 | 0/1 | not reached |" in page
+    assert "Closest: su_weak" in versus_markdown([rows["su_weak"], rows["su_short"]], "forget_quality")
+    assert head_to_head([c for c in curves if c.method != "npo_gd"], ["su"], "forget_quality") == []
 
 
 def test_a_micro_run_with_snapshots_has_every_method_at_several_steps_and_curves(tmp_path, prefect_harness):
