@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.study import check_study, head_to_head, load_study, run_study, study_points, versus_markdown
+from pipeline.study import (
+    check_study,
+    head_to_head,
+    load_study,
+    readme_excerpt,
+    run_study,
+    study_points,
+    versus_markdown,
+)
 from stages.code_version import REPO
 from stages.config import ConfigError
 from stages.curves import Curve
@@ -110,7 +118,7 @@ def _curve(method: str, quality: list[float], utility: list[float]) -> Curve:
     return Curve(method, "", [0, 10], metrics)
 
 
-def test_head_to_head_reads_each_variant_at_the_forgetting_both_baselines_reach():
+def test_head_to_head_reads_each_variant_at_the_forgetting_both_baselines_reach(tmp_path):
     curves = [_curve("graddiff", [0.01, 0.5], [0.8, 0.4]), _curve("npo_gd", [0.01, 1.0], [0.8, 0.6]),
               _curve("su", [0.01, 0.5], [0.8, 0.7]), _curve("su_weak", [0.01, 0.5], [0.8, 0.42]),
               _curve("su_short", [0.01, 0.1], [0.8, 0.79])]
@@ -123,6 +131,8 @@ def test_head_to_head_reads_each_variant_at_the_forgetting_both_baselines_reach(
     assert rows["su_short"]["mine"].n == 0 and not rows["su_short"]["met"]  # forgetting less is not keeping more
     page = versus_markdown(list(rows.values()), "forget_quality")
     assert "Bar met by su." in page and "| su_short | 0.500 | 0/1 | not reached |" in page
+    excerpt = readme_excerpt(load_study(_write(tmp_path / "x.yaml", MICRO)), "", [], page)
+    assert excerpt.splitlines()[2].startswith("| variant |") and excerpt.endswith("Bar met by su.")
     assert "Closest: su_weak" in versus_markdown([rows["su_weak"], rows["su_short"]], "forget_quality")
     assert head_to_head([c for c in curves if c.method != "npo_gd"], ["su"], "forget_quality") == []
 
