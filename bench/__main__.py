@@ -33,6 +33,7 @@ class Sizes:
     eval_preset: str  # snapshot_eval's data and target
     eval_overrides: tuple[str, ...]
     big_step_model: TargetConfig | None  # unlearn_vs_bare at a second, larger size
+    sweep_points: int = 4  # sweep_parallel's grid points
 
 
 FULL = Sizes((1_000_000, 10_000_000), (100_000, 1_000_000, 10_000_000), 50_000, 1_000_000, 40, TargetConfig(),
@@ -44,7 +45,7 @@ QUICK = Sizes((10_000, 30_000), (10_000, 30_000), 2_000, 10_000, 3,
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               ("data.n_authors=4", "target.epochs=1", "unlearn.methods=su,graddiff", "evaluate.max_new_tokens=2",
-               "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None)
+               "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None, sweep_points=2)
 
 
 def run_bench(name: str, sizes: Sizes, runs) -> Result:
@@ -75,7 +76,7 @@ def run_bench(name: str, sizes: Sizes, runs) -> Result:
     if name == "sweep_parallel":
         from bench import sweep_parallel
 
-        return sweep_parallel.run("micro", list(sizes.cache_overrides))
+        return sweep_parallel.run("micro", list(sizes.cache_overrides), sizes.sweep_points)
     if name == "scaling":
         from bench import scaling
 

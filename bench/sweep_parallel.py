@@ -16,11 +16,11 @@ from bench.report import Result, Row
 GRID = [[f"masks.gamma={g}", f"unlearn.seed={s}"] for g in ("0.3", "0.5") for s in ("0", "1")]
 
 
-def timed(root: Path, preset: str, overrides: list[str], workers: int) -> tuple[float, list]:
+def timed(root: Path, preset: str, overrides: list[str], workers: int, grid: list[list[str]]) -> tuple[float, list]:
     from pipeline.sweep import in_worker_processes
 
     start = time.perf_counter()
-    outcomes = in_worker_processes([[*overrides, *p] for p in GRID], preset, str(root), None, workers)
+    outcomes = in_worker_processes([[*overrides, *p] for p in grid], preset, str(root), None, workers)
     wall = time.perf_counter() - start
     failed = [o.get("error") for o in outcomes if o["state"] != "COMPLETED"]
     if failed:
@@ -28,16 +28,17 @@ def timed(root: Path, preset: str, overrides: list[str], workers: int) -> tuple[
     return wall, [o["metrics"] for o in outcomes]
 
 
-def run(preset: str = "micro", overrides: list[str] | None = None) -> Result:
-    overrides = overrides or []
+def run(preset: str = "micro", overrides: list[str] | None = None, points: int = len(GRID)) -> Result:
+    """`points` of GRID (the --quick smoke run takes 2: one per worker)."""
+    overrides, grid = overrides or [], GRID[:points]
     with tempfile.TemporaryDirectory(prefix="sunlearn-bench-sweep-") as tmp:
-        one, one_table = timed(Path(tmp) / "one", preset, overrides, 1)
-        two, two_table = timed(Path(tmp) / "two", preset, overrides, 2)
+        one, one_table = timed(Path(tmp) / "one", preset, overrides, 1, grid)
+        two, two_table = timed(Path(tmp) / "two", preset, overrides, 2, grid)
     ratio = two / one
     result = Result("sweep_parallel")
-    result.rows = [Row("sweep, 2 local workers vs 1", f"{len(GRID)}-point {preset} sweep (γ × seed), fresh roots",
+    result.rows = [Row("sweep, 2 local workers vs 1", f"{len(grid)}-point {preset} sweep (γ × seed), fresh roots",
                        f"{two:.1f} s", f"{one:.1f} s", f"{ratio:.3f}", "≤ 0.65")]
     result.ratios = {"sweep_parallel_2_vs_1": ratio}
-    result.details = {"preset": preset, "overrides": overrides, "points": GRID, "one_worker_seconds": one,
+    result.details = {"preset": preset, "overrides": overrides, "points": grid, "one_worker_seconds": one,
                       "two_workers_seconds": two, "tables_equal": one_table == two_table}
     return result
