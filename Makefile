@@ -15,7 +15,7 @@ ARGS ?=
 # two test processes, each file's tests in one of them (module fixtures are built once): most slow tests wait on
 # servers and subprocesses, so two share 2 cores well (`make test PYTEST_WORKERS=0` runs them in this process)
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 
 .PHONY: setup run test bench serve lint clean system-deps
 

@@ -114,3 +114,9 @@ def write_chat_base(folder: Path, cfg: Config | None = None, seed: int = 0) -> P
 def chat_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """write_chat_base once per session."""
     return write_chat_base(tmp_path_factory.mktemp("chat_base") / "base")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow tests first, so that the two test processes of `make test` do not end on one long file."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each group keeps its order
