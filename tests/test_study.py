@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def test_page_holds_the_matched_table_final_metrics_selection_and_runs(micro_stu
     for heading in ("## Model utility at matched forgetting", "## Final models", "## Selection", "## Runs"):
         assert heading in text
     assert "| su | 2 |" in text and "| graddiff | 2 |" in text  # two seeds each
+    computed = re.search(r"the artifacts its runs read took ([0-9.]+) min to compute", text)
+    assert computed and float(computed.group(1)) > 0  # the stage time from the manifests, not this call's
     assert (out / "micro-curves.png").stat().st_size > 10_000
     record = json.loads((out / "micro.json").read_text())
     assert [p["overrides"] for p in record["points"]] == [p.overrides for p in study_points(load_study(path))]
