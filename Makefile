@@ -13,9 +13,11 @@ export SUNLEARN_KENLM_BIN := $(CURDIR)/$(KENLM_BIN)
 STEP := bash .ci/step
 ARGS ?=
 # two test processes, each file's tests in one of them (module fixtures are built once): most slow tests wait on
-# servers and subprocesses, so two share 2 cores well (`make test PYTEST_WORKERS=0` runs them in this process)
+# servers and subprocesses, so two share 2 cores well (`make test PYTEST_WORKERS=0` runs them in this process).
+# --no-loadscope-reorder keeps the collection order (files with slow tests first, tests/conftest.py), not xdist's
+# largest-file-first, which left the one-test slow files for the end
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --durations=20
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 .PHONY: setup run test bench serve lint clean system-deps
 
