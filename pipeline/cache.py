@@ -207,11 +207,28 @@ class ArtifactCache:
     def _scratch_path(self, entry: Entry) -> Path:
         return entry.path.parent / f"{SCRATCH_PREFIX}{entry.fingerprint}"
 
+    def _lock_path(self, entry: Entry) -> Path:
+        return entry.path.parent / f".{entry.fingerprint}.lock"
+
     @contextmanager
     def lock(self, entry: Entry) -> Iterator[None]:
         entry.path.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(entry.path.parent / f".{entry.fingerprint}.lock"):
+        with exclusive_lock(self._lock_path(entry)):
             yield
+
+    def busy(self, entry: Entry) -> bool:
+        """Whether another process holds the entry's lock now: a hint for scheduling, stale as soon as it returns."""
+        try:
+            fd = os.open(self._lock_path(entry), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor releases a lock taken on it
+        return False
 
     def build(
         self,

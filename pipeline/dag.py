@@ -33,6 +33,8 @@ class StageSpec:
     reads_tokenizer_only: Callable[[Config], bool] = lambda cfg: False
     # another entry for some configs, so the fingerprint covers only the code that config runs
     entry_for: Callable[[Config], str | None] = lambda cfg: None
+    # libraries the stage imports inside its functions: a worker waiting on another's lock loads them meanwhile
+    preload: tuple[str, ...] = ()
 
     def module(self, cfg: Config) -> str:
         return (self.entry_for(cfg) or self.entry).partition(":")[0]
@@ -42,20 +44,23 @@ class StageSpec:
         return getattr(importlib.import_module(module), name)
 
 
+LLAMA = "transformers.models.llama.modeling_llama"
+
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("prepare", "stages.prepare:prepare", ("data", "model"), ()),
-        StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",),
+        StageSpec("target", "stages.target:train_target", ("model", "target"), ("prepare",), preload=(LLAMA,),
                   reads_tokenizer_only=lambda cfg: cfg.model.name is not None and not cfg.target.finetune,
                   # fine-tuning a base runs in unlearn's DeepSpeed engine and launcher; training from scratch does not
                   entry_for=lambda cfg: "stages.finetune:finetune" if cfg.model.name and cfg.target.finetune else None),
         StageSpec("assistants", "stages.assistants:train_assistants", ("assistants",), ("prepare",)),
         StageSpec("scores", "stages.scores:score_tokens", ("assistants",), ("prepare", "assistants")),
         StageSpec("masks", "stages.masks:build_masks", ("masks",), ("scores",)),
-        StageSpec("unlearn", "stages.unlearn:unlearn", ("unlearn",), ("prepare", "target", "masks")),
+        StageSpec("unlearn", "stages.unlearn:unlearn", ("unlearn",), ("prepare", "target", "masks"),
+                  preload=(LLAMA, "deepspeed")),
         StageSpec("evaluate", "stages.evaluate:evaluate", ("evaluate",), ("prepare", "target", "masks", "scores",
-                                                                            "unlearn")),
+                                                                            "unlearn"), preload=(LLAMA,)),
     ]
 }
 

@@ -5,6 +5,7 @@ Prefect tasks (pipeline/flows.py) wrap this; scripts and benchmarks can call it 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import tempfile
@@ -72,6 +73,27 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             status = "ran"
     return StageResult(name, status, round(time.time() - start, 2), str(entry.path), entry.fingerprint,
                        manifest.get("stats", {}), {k: str(v) for k, v in inputs.items()})
+
+
+def materialize_all(cfg: Config, artifacts: str | Path) -> list[StageResult]:
+    """Every stage of `cfg`, next always one whose upstream is done and that no other process is building, so
+    processes that share upstream stages build independent ones side by side (target beside assistants) instead of
+    queueing on one lock. When every ready stage is taken, the stages' libraries are loaded before waiting."""
+    fps = fingerprints(cfg)
+    cache = storage.local_cache(artifacts)
+    left, results, preloaded = list(STAGES), [], False
+    while left:
+        ready = [name for name in left if not set(STAGES[name].upstream) & set(left)]
+        free = [name for name in ready if not cache.busy(cache.entry(name, fps[name]["fingerprint"]))]
+        if not free and not preloaded:
+            for module in dict.fromkeys(m for name in left for m in STAGES[name].preload):
+                importlib.import_module(module)
+            preloaded = True
+            continue
+        name = (free or ready)[0]
+        results.append(materialize(name, cfg, artifacts))
+        left.remove(name)
+    return results
 
 
 def materialize_until(stage: str, cfg: Config, artifacts: str | Path) -> list[StageResult]:

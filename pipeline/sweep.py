@@ -138,11 +138,9 @@ def run_point_process(point: list[str], preset: str, artifacts: str, config_file
     from stages.environment import configure_environment
 
     configure_environment()
-    from pipeline.runner import materialize
+    from pipeline.runner import materialize_all
 
-    cfg = load_config(preset, config_file, point)
-    for name in ORDER:
-        materialize(name, cfg, artifacts)
+    materialize_all(load_config(preset, config_file, point), artifacts)
     return _metrics(preset, config_file, point, artifacts)
 
 

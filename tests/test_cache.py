@@ -123,3 +123,12 @@ def test_quick_verify_catches_changed_files_and_verify_all_fixes(tmp_path):
     report = cache.verify_all(["scores"], fix=True)
     assert {r["fingerprint"]: r["removed"] for r in report} == {"0ddba11": True, "f00": True}
     assert not entry.path.exists() and not incomplete.exists()
+
+
+def test_busy_tells_whether_another_holder_has_the_entrys_lock(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    entry = cache.entry("masks", "abc")
+    assert not cache.busy(entry)  # never locked: no lock file
+    with cache.lock(entry):
+        assert cache.busy(entry)  # a second descriptor cannot take an flock this one holds
+    assert not cache.busy(entry)

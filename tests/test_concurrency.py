@@ -33,3 +33,47 @@ def test_two_runs_at_once_compute_each_artifact_once(tmp_path):
         assert sorted(s[stage]["status"] for s in summaries) == ["cached", "ran"], stage
         assert not list((root / stage).glob(".tmp-*"))
     assert all(entry.verify(full=True) == [] for entry in cache.entries(ORDER))
+
+
+def test_a_worker_builds_a_free_stage_while_another_holds_the_next_one(tmp_path):
+    """materialize_all skips a stage another process is building (its lock is held) for one that is ready and free,
+    and comes back to it once the lock is released."""
+    import threading
+
+    from pipeline.dag import fingerprints
+    from pipeline.runner import materialize_all
+    from stages.config import load_config
+
+    root = tmp_path / "artifacts"
+    cfg = load_config("micro", overrides=["evaluate.max_new_tokens=4"])
+    fps = fingerprints(cfg)
+    cache = ArtifactCache(root)
+    target, masks = (cache.entry(s, fps[s]["fingerprint"]) for s in ("target", "masks"))
+    held, release = threading.Event(), threading.Event()
+
+    def other_builder():  # holds target's lock until masks, which needs no target, is complete
+        with cache.lock(target):
+            held.set()
+            release.wait(timeout=60)
+
+    holder = threading.Thread(target=other_builder)
+    holder.start()
+    held.wait(timeout=30)
+    assert cache.busy(target) and not cache.busy(masks)
+    watcher = threading.Thread(target=lambda: (_wait_for(masks.is_complete), release.set()))
+    watcher.start()
+    results = materialize_all(cfg, root)
+    holder.join()
+    watcher.join()
+    order = [r.name for r in results]
+    assert order.index("masks") < order.index("target"), order
+    assert sorted(order) == sorted(ORDER) and all(r.status == "ran" for r in results)
+    assert not cache.busy(target)
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
