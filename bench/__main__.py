@@ -48,7 +48,7 @@ QUICK = Sizes((10_000, 30_000), (10_000, 30_000), 2_000, 10_000, 3,
                "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None, sweep_points=2)
 
 
-def run_bench(name: str, sizes: Sizes, runs) -> Result:
+def run_bench(name: str, sizes: Sizes, runs, overrides: tuple[str, ...] = (), artifacts: str | None = None) -> Result:
     if name == "scoring":
         from bench import scoring
 
@@ -64,7 +64,7 @@ def run_bench(name: str, sizes: Sizes, runs) -> Result:
     if name == "eval":
         from bench import bench_eval
 
-        return bench_eval.run(sizes.eval_preset, list(sizes.eval_overrides))
+        return bench_eval.run(sizes.eval_preset, [*sizes.eval_overrides, *overrides], artifacts)
     if name == "memory":
         from bench import memory
 
@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of: {', '.join(BENCHES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, not a measurement")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default: {RESULTS})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="eval: a config override after the bench's own (data.path=../shared/data/tofu where "
+                             "there is no hub)")
+    parser.add_argument("--artifacts", help="eval: take prepare and target through the pipeline cache at this root, "
+                                            "reusing a target trained there")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHES]
     if unknown:
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             try:
-                results.append(run_bench(name, sizes, runs))
+                results.append(run_bench(name, sizes, runs, tuple(args.overrides), args.artifacts))
             except Exception as exc:  # one broken benchmark must not lose the others' figures
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 print(f"bench: {name} FAILED: {failed[name]}", file=sys.stderr, flush=True)

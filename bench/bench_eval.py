@@ -73,24 +73,36 @@ def use_generation(generate) -> None:
     tofu.generate_greedy = muse.generate_greedy = generate
 
 
-def run(preset: str, overrides: list[str]):
+def trained_target(cfg, artifacts: str | None):
+    """(tokenizer, target model, documents) of `cfg`: through the pipeline's cache at `artifacts` (a target already
+    there is reused, a new one stays there), or trained in a temporary folder."""
+    from stages.common import load_documents, load_model, load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        if artifacts is not None:
+            from pipeline.runner import materialize
+
+            prepare_dir, target_dir = (Path(materialize(s, cfg, artifacts).path) for s in ("prepare", "target"))
+        else:
+            from stages.prepare import prepare
+            from stages.target import train_target
+
+            prepare_dir, target_dir = Path(tmp) / "prepare", Path(tmp) / "target"
+            prepare(cfg, {}, prepare_dir)
+            train_target(cfg, {"prepare": prepare_dir}, target_dir)
+        return (load_tokenizer(prepare_dir), load_model(target_dir / "target").eval(),
+                load_documents(prepare_dir).to_pylist())
+
+
+def run(preset: str, overrides: list[str], artifacts: str | None = None):
     """snapshot_eval: seconds of one model's evaluation now over the same with generate(), a trained tiny target."""
     import numpy as np
 
     from bench.report import Result, Row
-    from stages.common import load_documents, load_model, load_tokenizer
     from stages.evaluate.stage import eval_sets
-    from stages.prepare import prepare
-    from stages.target import train_target
 
     cfg = load_config(preset, overrides=overrides)
-    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
-        root = Path(tmp)
-        prepare(cfg, {}, root / "prepare")
-        train_target(cfg, {"prepare": root / "prepare"}, root / "target")
-        tokenizer = load_tokenizer(root / "prepare")
-        model = load_model(root / "target" / "target").eval()
-        documents = load_documents(root / "prepare").to_pylist()
+    tokenizer, model, documents = trained_target(cfg, artifacts)
     sets = eval_sets(documents, cfg)
     seconds, results = {}, {}
     for label in ("now", "generate()", "now ", "generate() "):  # twice each, interleaved: load hits both alike
@@ -108,7 +120,8 @@ def run(preset: str, overrides: list[str]):
                        f"{cfg.evaluate.max_new_tokens} new tokens (identical: {'yes' if same else 'NO'})",
                        f"{seconds['now']:.1f} s", f"{seconds['generate()']:.1f} s", f"{ratio:.3f}", "≤ 0.25")]
     result.ratios = {"snapshot_eval": ratio}
-    result.details = {"seconds": seconds, "identical": same, "items": n_items, "sets": list(sets), "preset": preset}
+    result.details = {"seconds": seconds, "identical": same, "items": n_items, "sets": list(sets), "preset": preset,
+                      "overrides": overrides}
     return result
 
 
