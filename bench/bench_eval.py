@@ -66,6 +66,14 @@ def evaluate_model(model, tokenizer, sets) -> dict:
     return out
 
 
+def same_values(a, b) -> bool:
+    """Equal per-item values; NaN (an item a metric does not apply to) equals NaN."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f")
+
+
 def use_generation(generate) -> None:
     """Point the suites' generation at `generate` (they import it by name)."""
     from stages.evaluate import muse, tofu
@@ -111,7 +119,7 @@ def run(preset: str, overrides: list[str], artifacts: str | None = None):
         results[label.strip()] = evaluate_model(model, tokenizer, sets)
         seconds[label.strip()] = min(seconds.get(label.strip(), np.inf), time.perf_counter() - start)
     use_generation(GENERATE_NOW)
-    same = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    same = all(same_values(a[k], b[k])
                for name in sets for a, b in [(results["now"][name], results["generate()"][name])] for k in a)
     ratio = seconds["now"] / seconds["generate()"]
     n_items = sum(len(spec.rows) for spec in sets.values())

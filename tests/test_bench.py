@@ -69,3 +69,12 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert results["benches"]["sweep_parallel"]["tables_equal"]
     assert results["quick"] and results["machine"]["cores"] >= 1
     assert "| benchmark |" in results["table"]
+
+
+def test_snapshot_eval_counts_nan_items_as_equal_and_still_catches_a_changed_value():
+    from bench.bench_eval import same_values
+
+    nan = float("nan")
+    assert same_values([0.5, nan], [0.5, nan])  # fact recall of an item without gold words is NaN on both sides
+    assert not same_values([0.5, nan], [0.25, nan])
+    assert same_values(["Gabriela"], ["Gabriela"]) and not same_values(["Gabriela"], ["Carrasco"])
