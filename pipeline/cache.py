@@ -218,17 +218,7 @@ class ArtifactCache:
 
     def busy(self, entry: Entry) -> bool:
         """Whether another process holds the entry's lock now: a hint for scheduling, stale as soon as it returns."""
-        try:
-            fd = os.open(self._lock_path(entry), os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing the descriptor releases a lock taken on it
-        return False
+        return busy(self._lock_path(entry))
 
     def build(
         self,
@@ -338,6 +328,21 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def busy(path: Path) -> bool:
+    """Whether another process holds `exclusive_lock(path)` now: a hint for scheduling, stale once it returns."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock taken on it
+    return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import storage
 from pipeline.cache import CacheError
 from pipeline.dag import STAGES, fingerprints, upstream_closure
+from pipeline.references import evaluate_references
 from stages.config import Config, ConfigError
 
 log = logging.getLogger("sunlearn")
@@ -78,7 +79,8 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
 def materialize_all(cfg: Config, artifacts: str | Path) -> list[StageResult]:
     """Every stage of `cfg`, next always one whose upstream is done and that no other process is building, so
     processes that share upstream stages build independent ones side by side (target beside assistants) instead of
-    queueing on one lock. When every ready stage is taken, the stages' libraries are loaded before waiting."""
+    queueing on one lock. When every ready stage is taken, the stages' libraries are loaded before waiting. Before
+    evaluate, the reference models' evaluations are split with the other processes (pipeline.references)."""
     fps = fingerprints(cfg)
     cache = storage.local_cache(artifacts)
     left, results, preloaded = list(STAGES), [], False
@@ -91,6 +93,8 @@ def materialize_all(cfg: Config, artifacts: str | Path) -> list[StageResult]:
             preloaded = True
             continue
         name = (free or ready)[0]
+        if name == "evaluate" and not cache.entry(name, fps[name]["fingerprint"]).is_complete():
+            evaluate_references(cfg, artifacts)  # shared with every other point evaluating now, each part once
         results.append(materialize(name, cfg, artifacts))
         left.remove(name)
     return results

@@ -77,3 +77,45 @@ def _wait_for(condition, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+def test_the_reference_evaluations_are_split_and_the_evaluate_stage_reuses_them(tmp_path):
+    """A process that finds one reference result claimed by another (its lock held) computes the others first, each
+    once, under the key the evaluate stage reads: the stage then evaluates no reference model itself."""
+    import threading
+
+    from pipeline.cache import exclusive_lock
+    from pipeline.references import evaluate_references, reference_jobs
+    from pipeline.runner import materialize_all, materialize_until
+    from stages.config import load_config
+
+    root = tmp_path / "artifacts"
+    cfg = load_config("micro", overrides=["evaluate.max_new_tokens=4"])
+    materialize_until("target", cfg, root)
+    jobs, _ = reference_jobs(cfg, root)
+    assert {j.ref.name for j in jobs} == {"target", "retain"} and len(jobs) > 2
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():  # claims the first job and holds it until every other job is done
+        jobs[0].lock.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(jobs[0].lock):
+            held.set()
+            release.wait(timeout=120)
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    held.wait(timeout=30)
+    computed: list[int] = []
+    worker = threading.Thread(target=lambda: computed.append(evaluate_references(cfg, root)))
+    worker.start()
+    try:
+        _wait_for(lambda: all(j.result.is_file() for j in jobs[1:]))
+        assert all(j.result.is_file() for j in jobs[1:]) and not jobs[0].result.is_file()  # the claimed one was left
+    finally:
+        release.set()
+        holder.join()
+        worker.join()
+    assert computed == [len(jobs)]  # the holder computed nothing, so this process took the claimed one after all
+
+    results = {r.name: r for r in materialize_all(cfg, root)}
+    assert results["evaluate"].status == "ran" and results["evaluate"].stats["cache_hits"] == len(jobs)
