@@ -12,10 +12,12 @@ is reported by name and the others still count.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -141,7 +143,17 @@ def run_point_process(point: list[str], preset: str, artifacts: str, config_file
     from pipeline.runner import materialize_all
 
     materialize_all(load_config(preset, config_file, point), artifacts)
+    atexit.unregister(_exit_without_teardown)
+    atexit.register(_exit_without_teardown)  # registered last, so it runs first, after this job's imports
     return _metrics(preset, config_file, point, artifacts)
+
+
+def _exit_without_teardown() -> None:
+    """A worker's exit. Tearing down an interpreter that holds torch and DeepSpeed takes seconds and frees nothing
+    the OS does not; every result is written and returned by the time the pool stops its workers."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def in_worker_processes(
@@ -149,6 +161,8 @@ def in_worker_processes(
 ) -> list[dict[str, Any]]:
     """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}."""
     outcomes: list[dict[str, Any]] = [{} for _ in points]
+    # the workers log to the console; only this process is inside a flow run that the API could file their logs under
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_point_process, point, preset, artifacts, config_file): i

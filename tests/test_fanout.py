@@ -22,10 +22,14 @@ COMMON = ["--preset", "micro", "--set", "evaluate.max_new_tokens=4"]
 
 
 def _sweep(root: Path, *extra: str, env: dict[str, str] | None = None) -> dict:
+    return _sweep_with_log(root, *extra, env=env)[0]
+
+
+def _sweep_with_log(root: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
     cmd = [sys.executable, "-m", "pipeline.cli", "sweep", *COMMON, *GRID, "--artifacts", str(root), "--json", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env or dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def _table(result: dict) -> list[tuple]:
@@ -58,3 +62,20 @@ def test_sweep_points_run_as_flow_runs_on_two_workers(tmp_path):
 
     sequential = _sweep(tmp_path / "sequential")
     assert _table(pooled) == _table(sequential) and len(_table(pooled)) > 0
+
+
+@pytest.mark.timeout(1200)
+def test_local_workers_compute_each_artifact_once_and_evaluate_the_references_once(tmp_path):
+    """Without a server, --parallel 2 runs the points in two worker processes: the table is the sequential one, each
+    artifact exists once, each reference result was computed by one worker, and the workers log no Prefect warning."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    local, log = _sweep_with_log(tmp_path / "local", "--parallel", "2", env=env)
+    sequential = _sweep(tmp_path / "sequential", env=env)
+    assert local["failed"] == [] and _table(local) == _table(sequential) and len(_table(local)) > 0
+    entries = {stage: len(v) for stage, v in _manifests(tmp_path / "local").items()}
+    assert entries == {"prepare": 1, "target": 1, "assistants": 1, "scores": 1, "masks": 2, "unlearn": 4,
+                       "evaluate": 4}
+    computed = Counter(line.split(" evaluated in ")[0].split("reference ", 1)[1]
+                       for line in log.splitlines() if "reference " in line and " evaluated in " in line)
+    assert computed and set(computed.values()) == {1}, computed  # every (model, set) once, by one of the workers
+    assert "attempted to send logs to the API" not in log
