@@ -34,6 +34,7 @@ class Sizes:
     eval_overrides: tuple[str, ...]
     big_step_model: TargetConfig | None  # unlearn_vs_bare at a second, larger size
     sweep_points: int = 4  # sweep_parallel's grid points
+    sweep_pairs: int = 3  # sweep_parallel's (1 worker, 2 workers) pairs, alternated; the median ratio counts
 
 
 FULL = Sizes((1_000_000, 10_000_000), (100_000, 1_000_000, 10_000_000), 50_000, 1_000_000, 40, TargetConfig(),
@@ -45,7 +46,8 @@ QUICK = Sizes((10_000, 30_000), (10_000, 30_000), 2_000, 10_000, 3,
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               ("data.n_authors=4", "target.epochs=1", "unlearn.methods=su,graddiff", "evaluate.max_new_tokens=2",
-               "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None, sweep_points=2)
+               "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None, sweep_points=2,
+              sweep_pairs=1)
 
 
 def run_bench(name: str, sizes: Sizes, runs, overrides: tuple[str, ...] = (), artifacts: str | None = None) -> Result:
@@ -76,7 +78,7 @@ def run_bench(name: str, sizes: Sizes, runs, overrides: tuple[str, ...] = (), ar
     if name == "sweep_parallel":
         from bench import sweep_parallel
 
-        return sweep_parallel.run("micro", list(sizes.cache_overrides), sizes.sweep_points)
+        return sweep_parallel.run("micro", list(sizes.cache_overrides), sizes.sweep_points, sizes.sweep_pairs)
     if name == "scaling":
         from bench import scaling
 
