@@ -15,10 +15,12 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from schemas import read_table, write_json_atomic, write_table
 from stages.config import ConfigError, load_config
 
 PIPELINE_DEPLOYMENT = "sunlearn-pipeline/pipeline"
+log = logging.getLogger("sunlearn")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -100,12 +103,16 @@ def run_points(
         load_config(preset, config_file, point)
     if not storage.is_remote(artifacts):  # every process, on every node, must mean the same folder
         artifacts = str(storage.local_root(artifacts))
+    progress = PointProgress([point_name(point) for point in points])
     if via_deployment:
-        outcomes = _on_the_pool(full, preset, artifacts, config_file, parallel)
+        outcomes = _on_the_pool(full, preset, artifacts, config_file, parallel, on_done=progress)
     elif parallel > 1:
-        outcomes = in_worker_processes(full, preset, artifacts, config_file, parallel)
+        outcomes = in_worker_processes(full, preset, artifacts, config_file, parallel, on_done=progress)
     else:
-        outcomes = [_here(point, preset, artifacts, config_file) for point in full]
+        outcomes = []
+        for i, point in enumerate(full):
+            outcomes.append(_here(point, preset, artifacts, config_file))
+            progress(i, outcomes[-1])
     return [
         PointResult(point_name(point), point, **outcome) for point, outcome in zip(points, outcomes, strict=True)
     ]
@@ -123,6 +130,20 @@ def _metrics(preset: str, config_file: str | None, overrides: list[str], artifac
     return read_table(entry.path / "metrics.parquet").to_pylist()
 
 
+class PointProgress:
+    """A log line per finished point: which one, how it ended, how many have finished, the time so far."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.finished, self.failed, self.start = names, 0, 0, time.perf_counter()
+
+    def __call__(self, i: int, outcome: dict[str, Any]) -> None:
+        self.finished += 1
+        self.failed += outcome["state"] != "COMPLETED"
+        failed = f", {self.failed} failed" if self.failed else ""
+        log.info("point %d/%d %s: %s (%d of %d finished%s, %.1f min)", i + 1, len(self.names), self.names[i],
+                 outcome["state"], self.finished, len(self.names), failed, (time.perf_counter() - self.start) / 60)
+
+
 def _failed(exc: BaseException) -> dict[str, Any]:
     return {"state": "FAILED", "error": f"{type(exc).__name__}: {exc}"}
 
@@ -135,17 +156,33 @@ def _here(point: list[str], preset: str, artifacts: str, config_file: str | None
     return {"state": "COMPLETED", "metrics": summary["metrics"]}
 
 
-def run_point_process(point: list[str], preset: str, artifacts: str, config_file: str | None) -> list[dict[str, Any]]:
-    """A local worker process's job: every stage of one point through the cache, no Prefect; returns its metrics."""
+def run_point_process(point: list[str], preset: str, artifacts: str, config_file: str | None,
+                      label: str = "") -> list[dict[str, Any]]:
+    """A local worker process's job: every stage of one point through the cache, no Prefect; returns its metrics.
+    Its log lines start with `[label]`, so that the lines of points running side by side can be told apart."""
     from stages.environment import configure_environment
 
     configure_environment()
+    for old in [f for f in log.filters if isinstance(f, _Label)]:
+        log.removeFilter(old)
+    if label:
+        log.addFilter(_Label(label))
     from pipeline.runner import materialize_all
 
     materialize_all(load_config(preset, config_file, point), artifacts)
     atexit.unregister(_exit_without_teardown)
     atexit.register(_exit_without_teardown)  # registered last, so it runs first, after this job's imports
     return _metrics(preset, config_file, point, artifacts)
+
+
+class _Label(logging.Filter):
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"[{self.label}] {record.msg}"
+        return True
 
 
 def _exit_without_teardown() -> None:
@@ -157,26 +194,32 @@ def _exit_without_teardown() -> None:
 
 
 def in_worker_processes(
-    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int
+    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int,
+    on_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}."""
+    """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}, each also
+    given to `on_done` as it finishes."""
     outcomes: list[dict[str, Any]] = [{} for _ in points]
     # the workers log to the console; only this process is inside a flow run that the API could file their logs under
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_point_process, point, preset, artifacts, config_file): i
+        futures = {pool.submit(run_point_process, point, preset, artifacts, config_file, f"{i + 1}/{len(points)}"): i
                    for i, point in enumerate(points)}
         for future in as_completed(futures):
+            i = futures[future]
             try:
-                outcomes[futures[future]] = {"state": "COMPLETED", "metrics": future.result()}
+                outcomes[i] = {"state": "COMPLETED", "metrics": future.result()}
             except Exception as exc:  # the point's own failure, or its worker process died
-                outcomes[futures[future]] = _failed(exc)
+                outcomes[i] = _failed(exc)
+            if on_done is not None:
+                on_done(i, outcomes[i])
     return outcomes
 
 
 def _on_the_pool(
-    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, parallel: int, poll: float = 2.0
+    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, parallel: int, poll: float = 2.0,
+    on_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Each point a flow run of the pipeline deployment, at most `parallel` in flight; wait for all of them."""
     from prefect.client.orchestration import get_client
@@ -217,6 +260,8 @@ def _on_the_pool(
                 else:
                     outcome["error"] = f"flow run {flow_run.name}: {state}: {flow_run.state.message or ''}".strip()
                 outcomes[i] = outcome
+                if on_done is not None:
+                    on_done(i, outcome)
     return outcomes
 
 

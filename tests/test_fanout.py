@@ -79,3 +79,7 @@ def test_local_workers_compute_each_artifact_once_and_evaluate_the_references_on
                        for line in log.splitlines() if "reference " in line and " evaluated in " in line)
     assert computed and set(computed.values()) == {1}, computed  # every (model, set) once, by one of the workers
     assert "attempted to send logs to the API" not in log
+    # each worker's lines name their point; the sweep logs each point as it finishes
+    assert all(line.split(" - ", 1)[-1].startswith(("[1/4] ", "[2/4] ", "[3/4] ", "[4/4] "))
+               for line in log.splitlines() if " evaluated in " in line)
+    assert sum(f"({k} of 4 finished, " in log for k in range(1, 5)) == 4
