@@ -40,8 +40,9 @@ from schemas import read_table, write_json_atomic, write_table
 from stages.config import ConfigError, load_config
 
 PIPELINE_DEPLOYMENT = "sunlearn-pipeline/pipeline"
-log = logging.getLogger("sunlearn")
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+log = logging.getLogger("sunlearn")
 
 
 @dataclass
