@@ -430,9 +430,15 @@ def utility_markdown(curves: list[Curve], references: dict[str, dict[str, float]
     rows = [(name, [values]) for name, values in references.items()]
     rows += [(m, [c.metrics[-1] for c in curves if c.method == m]) for m in dict.fromkeys(c.method for c in curves)]
     for name, finals in rows:
-        cells = [_cell(float(np.nanmean([f.get(col, math.nan) for f in finals]))) for col in columns]
+        cells = [_cell(_nanmean([f.get(col, math.nan) for f in finals])) for col in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN, without numpy's warning, where none is (no gold tokens)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
 
 
 def retain_losses_markdown(results: list[dict[str, Any]], top: int = 5) -> str:
