@@ -141,8 +141,11 @@ class PointProgress:
         self.finished += 1
         self.failed += outcome["state"] != "COMPLETED"
         failed = f", {self.failed} failed" if self.failed else ""
-        log.info("point %d/%d %s: %s (%d of %d finished%s, %.1f min)", i + 1, len(self.names), self.names[i],
-                 outcome["state"], self.finished, len(self.names), failed, (time.perf_counter() - self.start) / 60)
+        ok = outcome["state"] == "COMPLETED"
+        state = outcome["state"] if ok else f"{outcome['state']} ({outcome.get('error', 'no error recorded')})"
+        log.log(logging.INFO if ok else logging.WARNING, "point %d/%d %s: %s (%d of %d finished%s, %.1f min)",
+                i + 1, len(self.names), self.names[i], state, self.finished, len(self.names), failed,
+                (time.perf_counter() - self.start) / 60)
 
 
 def _failed(exc: BaseException) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The micro flow end to end on real components, and what the cache recomputes."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -105,6 +106,18 @@ def test_cli_json_and_status(micro_root):
     status = subprocess.run([*cmd, "status", "--preset", "micro", "--json", "--artifacts", str(root)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert [s["state"] for s in json.loads(status.stdout)["stages"]] == ["cached"] * len(ORDER)
+
+
+def test_a_failed_sweep_point_is_logged_with_its_error_and_the_rest_still_count(micro_root, caplog):
+    from pipeline.sweep import sweep_flow
+
+    root, _ = micro_root
+    with caplog.at_level(logging.INFO, logger="sunlearn"):  # 0.001 diverges at the first step; 50 is the default
+        result = sweep_flow(grid=["unlearn.max_forget_loss=0.001,50.0"], preset="micro", artifacts=str(root))
+    assert [f["point"] for f in result["failed"]] == ["unlearn.max_forget_loss=0.001"]
+    assert {r["point"] for r in result["rows"]} == {1}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "point 1/2" in r.getMessage()]
+    assert len(warned) == 1 and "UnlearnDiverged" in warned[0] and "max_forget_loss" in warned[0], caplog.text
 
 
 def test_sweep_reuses_upstream_and_collects_one_table(micro_root):
