@@ -17,7 +17,7 @@ import math
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import yaml
 from pipeline.dag import ORDER, fingerprints
 from schemas import write_json_atomic
 from stages.config import ConfigError, load_config, suggest
-from stages.curves import AXES, Curve, common_level, curves_from_metrics, matched, matched_table
+from stages.curves import AXES, Curve, Matched, common_level, curves_from_metrics, matched, matched_table
 from stages.environment import REPO
 
 STUDIES_DIR = REPO / "studies"
@@ -196,8 +196,9 @@ def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def write_results(study: Study, results: list[dict[str, Any]], seconds: float, out_dir: Path = RESULTS_DIR,
-                  failed: list[str] | None = None) -> Path:
-    """docs/results/<name>.md, its curves PNG and its fingerprint record."""
+                  failed: list[str] | None = None, diverged: list[dict[str, Any]] | None = None) -> Path:
+    """docs/results/<name>.md, its curves PNG and its fingerprint record. `diverged` holds the runs that stopped
+    with UnlearnDiverged ({point, fingerprints, error}): results of the method at its seed, recorded with the rest."""
     from stages.reports import matched_markdown, plot_curves
 
     out_dir = Path(out_dir)
@@ -206,15 +207,20 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     curves, references = gather(study, results)
     png = out_dir / f"{study.name}-curves.png"
     has_png = plot_curves(curves, references, png)
-    rows = matched_table(curves, study.axes, references.get("retain"))
-    points = [r["point"] for r in results]
+    diverged = diverged or []
+    lost = lost_runs(study, diverged)
+    rows = with_lost(matched_table(curves, study.axes, references.get("retain")), lost)
+    order = {tuple(p.overrides): i for i, p in enumerate(study_points(study))}
+    recorded = sorted([*results, *diverged], key=lambda r: order[tuple(r["point"].overrides)])
+    points = [r["point"] for r in recorded]
     record = {
         "study": study.name,
         "file": str(study.path.resolve().relative_to(REPO)) if study.path.resolve().is_relative_to(REPO) else
         str(study.path),
         "file_sha256": file_digest(study.path),
         "points": [{"variant": r["point"].variant, "overrides": r["point"].overrides,
-                    "fingerprints": r["fingerprints"]} for r in results],
+                    "fingerprints": r["fingerprints"], **({"diverged": r["error"]} if "error" in r else {})}
+                   for r in recorded],
     }
     page = [
         f"# Study `{study.name}`",
@@ -240,7 +246,7 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         matched_markdown(rows).rstrip() or "No matched comparison: no curve has a forget axis value.",
         "",
     ]
-    versus = head_to_head(curves, selective_labels(study, results), study.axes[0])
+    versus = head_to_head(curves, selective_labels(study, recorded), study.axes[0], lost)
     versus_md = versus_markdown(versus, study.axes[0]) if versus else ""
     if versus_md:
         page += [versus_md, ""]
@@ -248,7 +254,13 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
     final = final_markdown(curves, references)
     page += [final, "", utility_markdown(curves, references), "", retain_losses_markdown(results), "",
-             selection_markdown(study, results), "", runs_markdown(results)]
+             selection_markdown(study, results), "", runs_markdown(recorded)]
+    if diverged:
+        page += ["", "## Diverged runs", "",
+                 "These runs stopped with UnlearnDiverged. The same code, config and seed diverge again, so each is a "
+                 "result of its method at this budget: it counts in n as a run that reached no level, and `--check` "
+                 "holds the page current.", "",
+                 *(f"- `{' '.join(r['point'].overrides)}`: {r['error']}" for r in diverged)]
     if failed:
         page += ["", "## Failed runs", "",
                  "These runs failed, so the page leaves them out and `--check` calls it stale:", "",
@@ -271,6 +283,17 @@ def compute_seconds(results: list[dict[str, Any]]) -> float:
     return sum(float(json.loads(m.read_text()).get("seconds", 0.0)) for m in manifests if m.is_file())
 
 
+def lost_runs(study: Study, diverged: list[dict[str, Any]]) -> dict[str, int]:
+    """Per curve label, how many of its runs diverged (each method of a diverged point lost its curve)."""
+    lost: dict[str, int] = {}
+    for run in diverged:
+        methods = load_config(study.preset, overrides=run["point"].overrides).unlearn.methods
+        for method in methods:
+            label = point_label(run["point"], method, len(methods))
+            lost[label] = lost.get(label, 0) + 1
+    return lost
+
+
 def selective_labels(study: Study, results: list[dict[str, Any]]) -> list[str]:
     """The curve labels (variants) whose method trains on SU's selection, in the page's order."""
     from stages.unlearn import METHODS
@@ -285,10 +308,11 @@ def selective_labels(study: Study, results: list[dict[str, Any]]) -> list[str]:
     return list(labels)
 
 
-def head_to_head(curves: list[Curve], selective: list[str], axis_name: str) -> list[dict[str, Any]]:
+def head_to_head(curves: list[Curve], selective: list[str], axis_name: str,
+                 lost: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Per selective variant, its model utility at the strongest forgetting that every seed of both baselines
     reaches, beside theirs; empty without both baselines. A variant that does not reach the level cannot meet the
-    bar: forgetting less is not keeping more."""
+    bar: forgetting less is not keeping more. `lost` counts each label's diverged runs, seeds that reach nothing."""
     axis = AXES[axis_name]
     own = {label: [c for c in curves if c.method == label] for label in dict.fromkeys(c.method for c in curves)}
     if not all(own.get(b) for b in BASELINES):
@@ -296,17 +320,22 @@ def head_to_head(curves: list[Curve], selective: list[str], axis_name: str) -> l
     level = common_level([c for b in BASELINES for c in own[b]], axis)
     if not math.isfinite(level):
         return []
-    gd, npo = matched([c for b in BASELINES for c in own[b]], axis, level, "baselines")
+    gd, npo = with_lost(matched([c for b in BASELINES for c in own[b]], axis, level, "baselines"), lost)
     rows = []
     for label in selective:
         if not own.get(label):
             continue
-        (mine,) = matched(own[label], axis, level, "baselines")
+        (mine,) = with_lost(matched(own[label], axis, level, "baselines"), lost)
         reached = mine.n == mine.total
         rows.append({"variant": label, "level": level, "mine": mine, "graddiff": gd, "npo_gd": npo,
                      "vs_graddiff": mine.mean - gd.mean, "vs_npo_gd": mine.mean - npo.mean,
                      "met": reached and mine.mean >= gd.mean + MARGIN and mine.mean >= npo.mean})
     return rows
+
+
+def with_lost(rows: list[Matched], lost: dict[str, int] | None) -> list[Matched]:
+    """The matched rows with each method's diverged runs in its total: a run that diverged reached no level."""
+    return [replace(r, total=r.total + (lost or {}).get(r.method, 0)) for r in rows]
 
 
 def versus_markdown(rows: list[dict[str, Any]], axis: str) -> str:
@@ -519,7 +548,8 @@ def runs_markdown(results: list[dict[str, Any]]) -> str:
         point = result["point"]
         grid = " ".join(f"{k}={v}" for k, v in point.values.items()) or "–"
         fps = " | ".join(f"`{result['fingerprints'][s]}`" for s in ORDER)
-        lines.append(f"| {point.variant or '–'} | {grid} | {fps} |")
+        mark = " (diverged)" if "error" in result else ""
+        lines.append(f"| {point.variant or '–'}{mark} | {grid} | {fps} |")
     return "\n".join(lines)
 
 

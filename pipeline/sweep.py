@@ -361,11 +361,12 @@ def _markdown(frame: pl.DataFrame) -> str:
 def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | None = None, parallel: int = 1,
                via_deployment: bool | None = None) -> dict[str, Any]:
     """Every run of a study file through run_points (so `parallel` and the pool work as for a sweep), then its
-    results page, also published as a `study-<name>` artifact. Failed runs are named; the page then shows the rest
-    and `sunlearn study --check` calls it stale."""
+    results page, also published as a `study-<name>` artifact. A run that diverged is a result and goes on the page;
+    other failed runs are named, the page shows the rest and `sunlearn study --check` calls it stale."""
     import time
 
     from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
+    from stages.unlearn import UnlearnDiverged
 
     start = time.time()
     study = load_study(file)
@@ -376,13 +377,16 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
     get_run_logger().info("study %s: %d runs, %d at a time", study.name, len(points), parallel)
     outcomes = run_points([p.overrides for p in points], study.preset, None, artifacts, None, parallel, via)
     cache = storage.local_cache(artifacts)
-    results, failed = [], []
+    results, diverged, failed = [], [], []
     for point, outcome in zip(points, outcomes, strict=True):
+        fps = {stage: fp["fingerprint"] for stage, fp in fingerprints(load_config(study.preset, None,
+                                                                                  point.overrides)).items()}
+        if outcome.state != "COMPLETED" and f"{UnlearnDiverged.__name__}: " in outcome.error:
+            diverged.append({"point": point, "fingerprints": fps, "error": outcome.error})
+            continue
         if outcome.state != "COMPLETED":
             failed.append(f"{outcome.name}: {outcome.error}")
             continue
-        fps = {stage: fp["fingerprint"] for stage, fp in fingerprints(load_config(study.preset, None,
-                                                                                  point.overrides)).items()}
         entries = {stage: cache.entry(stage, fp) for stage, fp in fps.items()}
         for stage in ("prepare", "masks", "evaluate"):  # what the page reads beyond the metrics
             with cache.lock(entries[stage]):
@@ -391,8 +395,10 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
                         "paths": {stage: str(entry.path) for stage, entry in entries.items()},
                         "masks": entries["masks"].manifest().get("stats", {})})
     if not results:
-        raise RuntimeError(f"every run of study {study.name} failed; first: {failed[0]}")
-    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR, failed)
+        first = failed[0] if failed else f"{' '.join(diverged[0]['point'].overrides)}: {diverged[0]['error']}"
+        raise RuntimeError(f"every run of study {study.name} failed; first: {first}")
+    page = write_results(study, results, time.time() - start, Path(out_dir) if out_dir else RESULTS_DIR, failed,
+                         diverged)
     create_markdown_artifact(key=f"study-{study.name.replace('_', '-')}", markdown=page.read_text(),
                              description=f"sunlearn study {study.name}")
     return {"page": str(page), "failed": failed}

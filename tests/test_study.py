@@ -140,6 +140,31 @@ def test_head_to_head_reads_each_variant_at_the_forgetting_both_baselines_reach(
     assert head_to_head([c for c in curves if c.method != "npo_gd"], ["su"], "forget_quality") == []
 
 
+def test_a_diverged_seed_counts_as_a_run_that_reaches_nothing():
+    curves = [_curve("graddiff", [0.01, 0.5], [0.8, 0.4]), _curve("npo_gd", [0.01, 1.0], [0.8, 0.6]),
+              _curve("su", [0.01, 0.5], [0.8, 0.7])]
+    (row,) = head_to_head(curves, ["su"], "forget_quality", lost={"su": 1})
+    assert (row["mine"].n, row["mine"].total) == (1, 2) and not row["met"]  # met with its one other seed alone
+    assert "| su | 0.500 | 1/2 |" in versus_markdown([row], "forget_quality")
+
+
+def test_a_run_that_diverges_is_a_result_on_the_page_and_keeps_it_current(micro_study, tmp_path):
+    path, _, _ = micro_study
+    tree = {**MICRO, "grid": {"unlearn.seed": [0]},
+            "variants": {"su": {"unlearn.methods": "su"},
+                         "su_diverging": {"unlearn.methods": "su", "unlearn.max_forget_loss": 0.001}}}
+    study_path = _write(tmp_path / "diverging.yaml", tree)
+    out = tmp_path / "results"
+    page, failed = run_study(load_study(study_path), str(path.parent / "artifacts"), out)  # the fixture's cache
+    assert failed == []
+    section = page.read_text().split("## Diverged runs", 1)[1]
+    assert "unlearn.max_forget_loss=0.001" in section and "UnlearnDiverged: su: forget NLL" in section
+    record = json.loads((out / "diverging.json").read_text())
+    assert [p["variant"] for p in record["points"]] == ["su", "su_diverging"]
+    assert "diverged" not in record["points"][0] and "max_forget_loss" in record["points"][1]["diverged"]
+    assert check_study(study_path, out) == []
+
+
 def test_a_micro_run_with_snapshots_has_every_method_at_several_steps_and_curves(tmp_path, prefect_harness):
     from pipeline.flows import pipeline_flow
 
