@@ -27,7 +27,7 @@ import yaml
 from pipeline.dag import ORDER, fingerprints
 from schemas import write_json_atomic
 from stages.config import ConfigError, load_config, suggest
-from stages.curves import AXES, Curve, Matched, common_level, curves_from_metrics, matched, matched_table
+from stages.curves import AXES, Curve, Matched, common_level, crossing, curves_from_metrics, matched, matched_table
 from stages.environment import REPO
 
 STUDIES_DIR = REPO / "studies"
@@ -249,7 +249,7 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
     versus = head_to_head(curves, selective_labels(study, recorded), study.axes[0], lost)
     versus_md = versus_markdown(versus, study.axes[0]) if versus else ""
     if versus_md:
-        page += [versus_md, ""]
+        page += [versus_md, "", matched_parts_markdown(curves, versus, study.axes[0]), ""]
     if has_png:
         page += ["## Curves", "", f"![model utility against each forget axis]({png.name})", ""]
     final = final_markdown(curves, references)
@@ -369,7 +369,7 @@ def versus_markdown(rows: list[dict[str, Any]], axis: str) -> str:
     if met:
         lines += ["", f"Bar met by {', '.join(r['variant'] for r in met)}."]
     elif reached:
-        best = max(reached, key=lambda r: min(r["vs_graddiff"] - MARGIN, r["vs_npo_gd"]))
+        best = closest(reached)
         lines += ["", f"No variant meets the bar. Closest: {best['variant']}, {best['vs_graddiff']:+.3f} against "
                   f"{BASELINES[0]} and {best['vs_npo_gd']:+.3f} against {BASELINES[1]}."]
     else:
@@ -468,6 +468,59 @@ def _nanmean(values: list[float]) -> float:
     """The mean of the values that are not NaN; NaN, without numpy's warning, where none is (no gold tokens)."""
     kept = [v for v in values if not math.isnan(v)]
     return float(np.mean(kept)) if kept else math.nan
+
+
+def parts_at(curves: list[Curve], axis_name: str, level: float) -> dict[str, float]:
+    """Each utility part and forget-token NLL where each curve first reaches the level, read at the crossing's
+    interpolated step as the utility is, then averaged over the curves that reach it (NaN where none has it)."""
+    at: dict[str, list[float]] = {}
+    for curve in curves:
+        hit = crossing(curve, AXES[axis_name], level)
+        if hit is None:
+            continue
+        steps = np.asarray(curve.steps, dtype=np.float64)
+        for column in (*UTILITY_PARTS, *FORGET_TOKENS):
+            values = curve.values(column)
+            ok = np.isfinite(values)
+            if ok.any():
+                at.setdefault(column, []).append(float(np.interp(hit[1], steps[ok], values[ok])))
+    return {column: _nanmean(at.get(column, [])) for column in (*UTILITY_PARTS, *FORGET_TOKENS)}
+
+
+def matched_parts_markdown(curves: list[Curve], versus: list[dict[str, Any]], axis_name: str) -> str:
+    """Where each selective variant and baseline keeps or loses utility at the forgetting the comparison is made
+    at, and for the closest variant the parts that differ most from graddiff's."""
+    from stages.reports import _cell
+
+    level = versus[0]["level"]
+    labels = [*BASELINES, *(r["variant"] for r in versus if r["mine"].n)]
+    parts = {label: parts_at([c for c in curves if c.method == label], axis_name, level) for label in labels}
+    columns = [c for c in (*UTILITY_PARTS, *FORGET_TOKENS) if any(math.isfinite(p[c]) for p in parts.values())]
+    if not columns:
+        return ""
+    lines = ["## Where the utility goes at the matched forgetting", "",
+             f"The same parts as at the final models below, read where each curve first reaches {axis_name} = "
+             f"{_cell(level)} (the comparison's level, interpolated between snapshots as the utility is), mean over "
+             "the seeds that reach it.", "",
+             "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(_cell(parts[label][c]) for c in columns) + " |" for label in labels]
+    reached = [r for r in versus if r["mine"].n == r["mine"].total]  # as the comparison's "Closest" reads them
+    best = closest(reached)["variant"] if reached else None
+    gd = parts[BASELINES[0]]
+    delta = {c: parts[best][c] - gd[c] for c in columns if c in UTILITY_PARTS} if best else {}
+    delta = {c: d for c, d in delta.items() if math.isfinite(d)}
+    if delta:
+        low, high = min(delta, key=delta.get), max(delta, key=delta.get)
+        tokens = [f"{c} {_cell(parts[best][c])} against {_cell(gd[c])}" for c in FORGET_TOKENS if c in columns]
+        lines += ["", f"Against {BASELINES[0]} at this level, {best} (the closest variant) loses most in {low} "
+                  f"({delta[low]:+.3f}) and keeps most in {high} ({delta[high]:+.3f})"
+                  + (f"; {', '.join(tokens)}." if tokens else ".")]
+    return "\n".join(lines)
+
+
+def closest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The variant nearest the bar: the largest min(lead over graddiff - MARGIN, lead over npo_gd)."""
+    return max(rows, key=lambda r: min(r["vs_graddiff"] - MARGIN, r["vs_npo_gd"]))
 
 
 def retain_losses_markdown(results: list[dict[str, Any]], top: int = 5) -> str:

@@ -19,6 +19,8 @@ from pipeline.study import (
     check_study,
     head_to_head,
     load_study,
+    matched_parts_markdown,
+    parts_at,
     readme_excerpt,
     run_study,
     study_points,
@@ -146,6 +148,24 @@ def test_a_diverged_seed_counts_as_a_run_that_reaches_nothing():
     (row,) = head_to_head(curves, ["su"], "forget_quality", lost={"su": 1})
     assert (row["mine"].n, row["mine"].total) == (1, 2) and not row["met"]  # met with its one other seed alone
     assert "| su | 0.500 | 1/2 |" in versus_markdown([row], "forget_quality")
+
+
+def test_the_utility_parts_are_read_at_the_matched_crossing_and_name_where_the_closest_variant_loses():
+    def curve(method, quality, utility, retain_prob, ra_prob):
+        metrics = [{"forget_quality": q, "model_utility": u, "retain_prob": r, "ra_prob": a}
+                   for q, u, r, a in zip(quality, utility, retain_prob, ra_prob, strict=True)]
+        return Curve(method, "", [0, 10], metrics)
+
+    curves = [curve("graddiff", [0.01, 0.5], [0.8, 0.4], [1.0, 0.2], [0.9, 0.7]),
+              curve("npo_gd", [0.01, 1.0], [0.8, 0.6], [1.0, 0.5], [0.9, 0.8]),
+              curve("su", [0.01, 1.0], [0.8, 0.6], [1.0, 0.6], [0.9, 0.3])]
+    versus = head_to_head(curves, ["su"], "forget_quality")
+    w = (math.log10(0.5) + 2) / 2  # su crosses graddiff's best forget quality between its snapshots
+    assert parts_at([curves[2]], "forget_quality", 0.5)["retain_prob"] == pytest.approx(1.0 - 0.4 * w)
+    page = matched_parts_markdown(curves, versus, "forget_quality")
+    assert f"| su | {1.0 - 0.4 * w:.3f} | {0.9 - 0.6 * w:.3f} |" in page, page
+    assert f"su (the closest variant) loses most in ra_prob ({0.9 - 0.6 * w - 0.7:+.3f}) and keeps most in " \
+           f"retain_prob ({1.0 - 0.4 * w - 0.2:+.3f})." in page, page
 
 
 def test_a_run_that_diverges_is_a_result_on_the_page_and_keeps_it_current(micro_study, tmp_path):
