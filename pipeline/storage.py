@@ -47,6 +47,14 @@ def _remote(root: str, entry: Entry) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, f"{base.rstrip('/')}/{entry.stage}/{entry.fingerprint}"
 
 
+def is_cached(root: str | Path, entry: Entry) -> bool:
+    """Whether `entry` is complete here or, for a remote root, there; nothing is copied."""
+    if entry.is_complete() or not is_remote(root):
+        return entry.is_complete()
+    fs, remote = _remote(str(root), entry)
+    return fs.exists(f"{remote}/{MANIFEST}")
+
+
 def fetch(root: str | Path, entry: Entry) -> bool:
     """Make `entry` complete locally if it is complete remotely; True when it is complete locally afterwards.
 

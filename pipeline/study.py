@@ -152,6 +152,22 @@ def point_fingerprints(study: Study, point: Point) -> dict[str, str]:
     return {stage: fp["fingerprint"] for stage, fp in fingerprints(cfg).items()}
 
 
+def to_compute(study: Study, points: list[Point], artifacts: str) -> str:
+    """Per stage, how many of the study's distinct artifacts the root lacks: what a run of it will compute."""
+    from pipeline import storage
+
+    cache = storage.local_cache(artifacts)
+    wanted: dict[str, set[str]] = {stage: set() for stage in ORDER}
+    for point in points:
+        for stage, fp in point_fingerprints(study, point).items():
+            wanted[stage].add(fp)
+    missing = {stage: sum(not storage.is_cached(artifacts, cache.entry(stage, fp)) for fp in fps)
+               for stage, fps in wanted.items()}
+    if not any(missing.values()):
+        return "every artifact is cached"
+    return "to compute: " + ", ".join(f"{stage} {missing[stage]} of {len(wanted[stage])}" for stage in ORDER)
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

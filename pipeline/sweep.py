@@ -365,7 +365,7 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
     other failed runs are named, the page shows the rest and `sunlearn study --check` calls it stale."""
     import time
 
-    from pipeline.study import RESULTS_DIR, load_study, study_points, write_results
+    from pipeline.study import RESULTS_DIR, load_study, point_fingerprints, study_points, to_compute, write_results
     from stages.unlearn import UnlearnDiverged
 
     start = time.time()
@@ -374,13 +374,13 @@ def study_flow(file: str, artifacts: str = DEFAULT_ARTIFACTS, out_dir: str | Non
     for point in points:  # confined like a pipeline run, before any work
         load_confined(study.preset, None, point.overrides, artifacts)
     via = server_configured() if via_deployment is None else via_deployment
-    get_run_logger().info("study %s: %d runs, %d at a time", study.name, len(points), parallel)
+    get_run_logger().info("study %s: %d runs, %d at a time; %s", study.name, len(points), parallel,
+                          to_compute(study, points, artifacts))
     outcomes = run_points([p.overrides for p in points], study.preset, None, artifacts, None, parallel, via)
     cache = storage.local_cache(artifacts)
     results, diverged, failed = [], [], []
     for point, outcome in zip(points, outcomes, strict=True):
-        fps = {stage: fp["fingerprint"] for stage, fp in fingerprints(load_config(study.preset, None,
-                                                                                  point.overrides)).items()}
+        fps = point_fingerprints(study, point)
         if outcome.state != "COMPLETED" and f"{UnlearnDiverged.__name__}: " in outcome.error:
             diverged.append({"point": point, "fingerprints": fps, "error": outcome.error})
             continue

@@ -29,6 +29,8 @@ def test_publish_then_fetch_on_another_node(tmp_path, scheme):
     storage.publish(root, entry)
 
     copy = node_b.entry("masks", "0123456789abcdef")
+    assert storage.is_cached(root, copy) and not copy.path.exists()  # seen there, not copied
+    assert not storage.is_cached(root, node_b.entry("masks", "ffffffffffffffff"))
     with node_b.lock(copy):
         assert storage.fetch(root, copy) and copy.is_complete()
     assert copy.manifest() == manifest and copy.verify() == []
@@ -40,6 +42,7 @@ def test_remote_entry_without_manifest_is_not_fetched(tmp_path):
     fs, base = fsspec.core.url_to_fs(root)
     fs.pipe_file(f"{base}/masks/00000000000000aa/a.txt", b"half-uploaded")
     entry = ArtifactCache(tmp_path).entry("masks", "00000000000000aa")
+    assert not storage.is_cached(root, entry)
     assert not storage.fetch(root, entry) and not entry.path.exists()
 
 

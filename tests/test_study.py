@@ -24,6 +24,7 @@ from pipeline.study import (
     readme_excerpt,
     run_study,
     study_points,
+    to_compute,
     versus_markdown,
 )
 from stages.code_version import REPO
@@ -174,9 +175,12 @@ def test_a_run_that_diverges_is_a_result_on_the_page_and_keeps_it_current(micro_
             "variants": {"su": {"unlearn.methods": "su"},
                          "su_diverging": {"unlearn.methods": "su", "unlearn.max_forget_loss": 0.001}}}
     study_path = _write(tmp_path / "diverging.yaml", tree)
-    out = tmp_path / "results"
-    page, failed = run_study(load_study(study_path), str(path.parent / "artifacts"), out)  # the fixture's cache
+    study, out, root = load_study(study_path), tmp_path / "results", str(path.parent / "artifacts")
+    before = to_compute(study, study_points(study), root)  # the fixture's cache has every stage up to masks
+    assert "prepare 0 of 1, target 0 of 1" in before and "unlearn 2 of 2, evaluate 2 of 2" in before, before
+    page, failed = run_study(study, root, out)
     assert failed == []
+    assert to_compute(study, study_points(study), root).endswith("unlearn 1 of 2, evaluate 1 of 2")  # the diverged
     section = page.read_text().split("## Diverged runs", 1)[1]
     assert "unlearn.max_forget_loss=0.001" in section and "UnlearnDiverged: su: forget NLL" in section
     record = json.loads((out / "diverging.json").read_text())
