@@ -60,11 +60,9 @@ def fetch(root: str | Path, entry: Entry) -> bool:
 
     Call it holding `ArtifactCache.lock(entry)`, as for a build: it replaces an incomplete local folder.
     """
-    if entry.is_complete() or not is_remote(root):
+    if entry.is_complete() or not is_cached(root, entry):
         return entry.is_complete()
     fs, remote = _remote(str(root), entry)
-    if not fs.exists(f"{remote}/{MANIFEST}"):
-        return False
     tmp = temp_dir(entry.path.parent, entry.fingerprint)
     tmp.mkdir(parents=True)
     try:
