@@ -45,12 +45,13 @@ system-deps:
 	@bash .ci/system-deps $(APT_PACKAGES)
 
 # Each set-up step prints one line with its time; its output goes to .cache/setup/<step>.log (shown on failure).
-# torch is pinned in pyproject.toml and installed first: any other spec pulls a multi-GB CUDA build.
+# torch is pinned in pyproject.toml and installed first: any other spec pulls a multi-GB CUDA build. constraints.txt
+# pins the rest: results depend on library versions that no stage fingerprint covers.
 # --no-compile: Python writes bytecode only for the modules it imports, not 440 MB for every installed file.
-$(VENV)/.installed: pyproject.toml | system-deps
+$(VENV)/.installed: pyproject.toml constraints.txt | system-deps
 	@test -x $(PY) || $(STEP) venv sh -c '$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --upgrade pip'
 	@$(STEP) torch $(PY) -m pip install --no-compile torch==2.13.0
-	@$(STEP) packages $(PY) -m pip install --no-compile -e '.[dev]'
+	@$(STEP) packages $(PY) -m pip install --no-compile -c constraints.txt -e '.[dev]'
 	@touch $@
 
 $(KENLM_BIN)/lmplz: | system-deps $(VENV)/.installed
