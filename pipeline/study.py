@@ -234,6 +234,8 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         "file": str(study.path.resolve().relative_to(REPO)) if study.path.resolve().is_relative_to(REPO) else
         str(study.path),
         "file_sha256": file_digest(study.path),
+        "cpu": cpu_model(),
+        "libraries": libraries(),
         "points": [{"variant": r["point"].variant, "overrides": r["point"].overrides,
                     "fingerprints": r["fingerprints"], **({"diverged": r["error"]} if "error" in r else {})}
                    for r in recorded],
@@ -246,6 +248,9 @@ def write_results(study: Study, results: list[dict[str, Any]], seconds: float, o
         f"{at}, in {seconds / 60:.1f} min (the artifacts its runs read took {compute_seconds(results) / 60:.1f} "
         "min to compute). `sunlearn study --check` says whether the code or config has "
         "changed since; this page is never edited by hand.",
+        "",
+        f"CPU {record['cpu']}; " + ", ".join(f"{k} {v}" for k, v in record["libraries"].items()) + ". The "
+        "fingerprints do not cover these: another CPU or library version can give other numbers for the same runs.",
         "",
         "## Set-up",
         "",
@@ -674,6 +679,30 @@ def machine() -> str:
     memory = psutil.virtual_memory().total / 2**30
     return f"{platform.machine()} {cores} cores {memory:.0f} GiB, no GPU" if not _cuda() else \
         f"{platform.machine()} {cores} cores {memory:.0f} GiB, {_cuda()}"
+
+
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "deepspeed", "peft", "kenlm")  # what the numbers rest on
+
+
+def libraries() -> dict[str, str]:
+    """The installed versions of the libraries the stages compute with: no fingerprint covers them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (float results may differ between CPUs)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def _cuda() -> str:

@@ -62,6 +62,11 @@ def test_page_holds_the_matched_table_final_metrics_selection_and_runs(micro_stu
     assert [p["overrides"] for p in record["points"]] == [p.overrides for p in study_points(load_study(path))]
     for point in record["points"]:
         assert point["fingerprints"]["evaluate"] in text
+    import torch
+    import transformers
+
+    assert record["libraries"]["torch"] == torch.__version__ and record["cpu"]  # what no fingerprint covers
+    assert f"torch {torch.__version__}, transformers {transformers.__version__}," in text
 
 
 def test_check_is_clean_on_fresh_results(micro_study):
