@@ -68,15 +68,8 @@ class InPlaceLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.length:
-            self.key_buffer, self.value_buffer = self._select(self.key_buffer, indices), self._select(
-                self.value_buffer, indices)
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self._views()
-
-    def _select(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The rows `indices` of a buffer, copying only the positions written so far."""
-        kept = buffer.new_empty((len(indices), *buffer.shape[1:]))
-        kept[:, :, : self.length] = buffer[indices, :, : self.length]
-        return kept
 
 
 def preallocated_cache(config, capacity: int) -> DynamicCache:
