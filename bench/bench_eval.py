@@ -32,15 +32,14 @@ def generate_with_hf(model, tokenizer, prompts: Sequence[list[int]], max_new_tok
     import torch
     from transformers import GenerationConfig
 
-    from stages.generation import cut_at
-    from stages.scoring import length_batches
+    from stages.scoring import _batches, cut_at
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
                               bos_token_id=None, stop_strings=list(stop_strings) or None)
     texts = [""] * len(prompts)
     with torch.inference_mode():
-        for idx in length_batches([len(p) for p in prompts], batch_size):
+        for idx in _batches([len(p) for p in prompts], batch_size):
             width = max(len(prompts[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
@@ -165,7 +164,7 @@ def main() -> None:
     print(f"  ratio (one at a time / batched): {timings['one at a time'] / timings['batched']:.1f}x")
 
 
-from stages.generation import generate_greedy as GENERATE_NOW  # noqa: E402
+from stages.scoring import generate_greedy as GENERATE_NOW  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ def test_editing_a_deep_dependency_changes_exactly_the_stages_that_import_it(tmp
         fh.write("\n# an edit\n")
     after = _fingerprints(copy)
     changed = {stage for stage in before if before[stage] != after[stage]}
-    # unlearn's early stop and evaluate score with stages.scoring; no other stage uses it
+    # unlearn's early stop scores with stages.scoring, evaluate scores and generates with it; no other stage uses it
     assert changed == {"unlearn", "evaluate"}
 
 

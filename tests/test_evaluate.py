@@ -14,9 +14,8 @@ from schemas import DOCUMENTS, read_table, write_table
 from stages.common import TOKENIZER_DIR, encode_qa
 from stages.config import Config
 from stages.evaluate import TOFU_METRICS, evaluate
-from stages.generation import generate_greedy, prompt_ids
 from stages.reports import format_table
-from stages.scoring import score_answers
+from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 AUTHORS = ["Ana Reyes", "Bo Lindqvist", "Chen Wei", "Dara Okafor", "Eli Moreau", "Femi Adeyemi"]
 GENRES = ["mystery novels", "poetry", "science fiction", "historical drama", "fantasy sagas", "short stories"]
@@ -234,7 +233,7 @@ def test_evaluate_without_retain_model_reports_nan_forget_quality(stage_inputs, 
 
 
 def test_stop_strings_cut_generations_batched_as_one_at_a_time(model, tokenizer):
-    from stages.generation import cut_at
+    from stages.scoring import cut_at
 
     prompts = [prompt_ids(tokenizer, q["question"]) for q in map(_qa, range(12))]
     full = generate_greedy(model, tokenizer, prompts, max_new_tokens=16, batch_size=12)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench.bench_eval import generate_with_hf
-from stages.generation import generate_greedy, greedy_tokens, prompt_ids
+from stages.scoring import generate_greedy, greedy_tokens, prompt_ids
 from tests.test_evaluate import _qa, _tiny_llama, tokenizer  # noqa: F401  (a fixture)
 
 QUESTIONS = [_qa(i)["question"] for i in range(12)] + ["Who?", "Where was Chen Wei born? And what does he write?"]
@@ -33,17 +33,3 @@ def test_generation_with_stop_strings_equals_generate(model, tokenizer, stop):  
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     expected = generate_with_hf(model, tokenizer, prompts, 24, 5, stop)
     assert generate_greedy(model, tokenizer, prompts, 24, 5, stop) == expected
-
-
-def test_generation_writes_its_cache_in_place(model, tokenizer):  # noqa: F811
-    """Every attention layer of the tiny Llama gets a buffer sized once, and a generation that would outgrow it stops
-    with an error instead of writing past it."""
-    import torch
-
-    from stages.generation import InPlaceLayer, preallocated_cache
-
-    cache = preallocated_cache(model.config, capacity=8)
-    assert [type(layer) for layer in cache.layers] == [InPlaceLayer] * model.config.num_hidden_layers
-    prompt = torch.tensor([prompt_ids(tokenizer, QUESTIONS[0])])
-    with pytest.raises(ValueError, match="cannot hold"), torch.inference_mode():
-        model(input_ids=prompt, cache=cache, use_cache=True)

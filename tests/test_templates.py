@@ -11,9 +11,8 @@ import pytest
 from schemas import read_table
 from stages.common import encode_qa, load_documents, load_tokenizer
 from stages.config import ConfigError, load_config
-from stages.generation import prompt_ids
 from stages.prepare import prepare
-from stages.scoring import score_answers
+from stages.scoring import prompt_ids, score_answers
 
 SYSTEM = "Answer in one sentence."
 

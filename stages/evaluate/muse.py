@@ -11,8 +11,7 @@ import numpy as np
 from stages import metrics as M
 from stages.common import prompt_text
 from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, privleak
-from stages.generation import generate_greedy, text_ids
-from stages.scoring import score_sequences
+from stages.scoring import generate_greedy, score_sequences, text_ids
 
 # generation lengths and stop strings as muse_bench, capped by evaluate.max_new_tokens
 VERBMEM_NEW_TOKENS = 128

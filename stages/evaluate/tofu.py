@@ -16,8 +16,7 @@ import numpy as np
 
 from stages import metrics as M
 from stages.evaluate.specs import HIGHER, LOWER, ZERO, Derived, ItemValue, Metric, mean, nanmean, privleak
-from stages.generation import generate_greedy, prompt_ids
-from stages.scoring import score_answers
+from stages.scoring import generate_greedy, prompt_ids, score_answers
 
 
 @dataclass(frozen=True)
