@@ -1,6 +1,6 @@
 """Sweep fan-out: wall time of a 4-point micro sweep in 2 local worker processes against 1, in one run.
 
-Both runs go through the same path (`pipeline.sweep.in_worker_processes`) on fresh, empty artifact roots, so the
+Both runs go through the same path (`pipeline.workers.in_worker_processes`) on fresh, empty artifact roots, so the
 shared upstream (prepare, target, assistants, scores) is computed once in each and the process start-up is in both.
 The two tables must be equal: the fan-out changes when points run, never what they compute.
 """
@@ -17,7 +17,7 @@ GRID = [[f"masks.gamma={g}", f"unlearn.seed={s}"] for g in ("0.3", "0.5") for s 
 
 
 def timed(root: Path, preset: str, overrides: list[str], workers: int, grid: list[list[str]]) -> tuple[float, list]:
-    from pipeline.sweep import in_worker_processes
+    from pipeline.workers import in_worker_processes
 
     start = time.perf_counter()
     outcomes = in_worker_processes([[*overrides, *p] for p in grid], preset, str(root), None, workers)

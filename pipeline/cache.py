@@ -303,13 +303,23 @@ class ArtifactCache:
         return report
 
 
+_held = threading.local()  # the lock paths this thread holds: taking one again nests instead of deadlocking
+
+
 @contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an flock on `path` (blocking) and delete the file when releasing it, even after an error.
+    """Hold an flock on `path` (blocking) and delete the file when releasing it, even after an error. A thread that
+    already holds it holds it once more (the outermost release unlocks), as a process that claimed a stage does when
+    it builds it; `busy` still sees it held.
 
     Deleting a lock file others may wait on is safe because a waiter, once it holds its lock, checks that the file it
     locked is still the one at `path`, and otherwise tries again on the new file.
     """
+    held = _held.__dict__.setdefault("paths", set())
+    key = os.path.abspath(path)
+    if key in held:
+        yield
+        return
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -320,9 +330,11 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             os.close(fd)
             raise
         os.close(fd)
+    held.add(key)
     try:
         yield
     finally:
+        held.discard(key)
         try:
             os.unlink(path)
         except FileNotFoundError:

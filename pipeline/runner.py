@@ -8,8 +8,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,27 +79,80 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
                        manifest.get("stats", {}), {k: str(v) for k, v in inputs.items()})
 
 
-def materialize_all(cfg: Config, artifacts: str | Path) -> list[StageResult]:
+# the stages points of a sweep can share; unlearn and evaluate are each point's own
+SHARED = ("prepare", "target", "assistants", "scores", "masks")
+
+
+def next_stage(candidates: list[str], loaded: Collection[str]) -> str:
+    """The first candidate whose libraries are already loaded, else the first: a process that has not imported
+    transformers builds the assistants while one that loaded it during its wait takes the target."""
+    return min(candidates, key=lambda name: not set(STAGES[name].preload) <= set(loaded))
+
+
+def others_shared_stage(others: Sequence[Config], artifacts: str | Path) -> tuple[str, Config] | None:
+    """A shared stage of another point that is missing, whose upstream is complete and that no process is building."""
+    cache = storage.local_cache(artifacts)
+    for cfg in others:
+        fps = fingerprints(cfg)
+        entries = {name: cache.entry(name, fps[name]["fingerprint"]) for name in SHARED}
+        for name, entry in entries.items():
+            if (not entry.is_complete() and not cache.busy(entry)
+                    and all(entries[up].is_complete() for up in STAGES[name].upstream)):
+                return name, cfg
+    return None
+
+
+def claimable(left: Sequence[str], loaded: Collection[str], complete_or_busy: Callable[[str], bool],
+              taken: Callable[[str], bool]) -> str | None:
+    """The first stage not yet ready whose libraries are not all `loaded`, not `taken` (held by any process), and
+    whose upstream is each complete or being built: the one a waiting process claims, so that it loads those
+    libraries for it while the others build the rest, instead of another process taking it unloaded meanwhile."""
+    for name in left:
+        spec = STAGES[name]
+        if (not set(spec.preload) <= set(loaded) and set(spec.upstream) & set(left) and not taken(name)
+                and all(complete_or_busy(up) for up in spec.upstream)):
+            return name
+    return None
+
+
+def materialize_all(cfg: Config, artifacts: str | Path, others: Sequence[Config] = ()) -> list[StageResult]:
     """Every stage of `cfg`, next always one whose upstream is done and that no other process is building, so
     processes that share upstream stages build independent ones side by side (target beside assistants) instead of
-    queueing on one lock. When every ready stage is taken, the stages' libraries are loaded before waiting. Before
-    evaluate, the reference models' evaluations are split with the other processes (pipeline.references)."""
+    queueing on one lock. While every ready stage is taken, it claims a later stage that needs libraries it has not
+    loaded (holding its lock) and loads them, or else builds the shared stages of the `others` (the sweep's other
+    points), each time looking again at this point's ready stages. Before evaluate, the reference models' evaluations
+    are split with the other processes (pipeline.references). Returns this point's stages."""
     fps = fingerprints(cfg)
     cache = storage.local_cache(artifacts)
-    left, results, preloaded = list(STAGES), [], False
-    while left:
-        ready = [name for name in left if not set(STAGES[name].upstream) & set(left)]
-        free = [name for name in ready if not cache.busy(cache.entry(name, fps[name]["fingerprint"]))]
-        if not free and not preloaded:
-            for module in dict.fromkeys(m for name in left for m in STAGES[name].preload):
-                importlib.import_module(module)
-            preloaded = True
-            continue
-        name = (free or ready)[0]
-        if name == "evaluate" and not cache.entry(name, fps[name]["fingerprint"]).is_complete():
-            evaluate_references(cfg, artifacts)  # shared with every other point evaluating now, each part once
-        results.append(materialize(name, cfg, artifacts))
-        left.remove(name)
+    entries = {name: cache.entry(name, fps[name]["fingerprint"]) for name in STAGES}
+    left, results, claims = list(STAGES), [], {}
+    try:
+        while left:
+            ready = [name for name in left if not set(STAGES[name].upstream) & set(left)]
+            free = [name for name in ready if name in claims or not cache.busy(entries[name])]
+            if not free and (claim := claimable(
+                    left, sys.modules, lambda up: entries[up].is_complete() or cache.busy(entries[up]),
+                    lambda name: name in claims or cache.busy(entries[name]))):
+                claims[claim] = ExitStack()
+                claims[claim].enter_context(cache.lock(entries[claim]))
+                log.info("%s: claimed, loading its libraries while other processes build its upstream", claim)
+                for module in STAGES[claim].preload:
+                    importlib.import_module(module)
+                continue
+            if not free and (job := others_shared_stage(others, artifacts)):
+                log.info("%s: built for another point while this one waits", job[0])
+                materialize(*job, artifacts)
+                continue
+            name = next_stage(free or ready, sys.modules)
+            if name == "evaluate" and not entries[name].is_complete():
+                evaluate_references(cfg, artifacts)  # shared with every other point evaluating now, each part once
+            results.append(materialize(name, cfg, artifacts))
+            left.remove(name)
+            if name in claims:
+                claims.pop(name).close()
+    finally:
+        for claim in claims.values():
+            claim.close()
     return results
 
 

@@ -12,16 +12,12 @@ is reported by name and the others still count.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import logging
-import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +30,10 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline import storage
 from pipeline.cache import fingerprint
 from pipeline.confinement import load_confined
-from pipeline.dag import ORDER, fingerprints
+from pipeline.dag import ORDER
 from pipeline.flows import DEFAULT_ARTIFACTS, run_stages
-from schemas import read_table, write_json_atomic, write_table
+from pipeline.workers import failed, in_worker_processes, point_metrics
+from schemas import write_json_atomic, write_table
 from stages.config import ConfigError, load_config
 
 PIPELINE_DEPLOYMENT = "sunlearn-pipeline/pipeline"
@@ -119,18 +116,6 @@ def run_points(
     ]
 
 
-def _metrics(preset: str, config_file: str | None, overrides: list[str], artifacts: str) -> list[dict[str, Any]]:
-    """The point's metrics, read from its evaluate artifact (fetched from a remote root when needed)."""
-    cfg = load_config(preset, config_file, overrides)
-    cache = storage.local_cache(artifacts)
-    entry = cache.entry("evaluate", fingerprints(cfg)["evaluate"]["fingerprint"])
-    with cache.lock(entry):
-        storage.fetch(artifacts, entry)
-    if not entry.is_complete():
-        raise ConfigError(f"no evaluate artifact at {entry.path}")
-    return read_table(entry.path / "metrics.parquet").to_pylist()
-
-
 class PointProgress:
     """A log line per finished point: which one, how it ended, how many have finished, the time so far."""
 
@@ -148,77 +133,12 @@ class PointProgress:
                 (time.perf_counter() - self.start) / 60)
 
 
-def _failed(exc: BaseException) -> dict[str, Any]:
-    return {"state": "FAILED", "error": f"{type(exc).__name__}: {exc}"}
-
-
 def _here(point: list[str], preset: str, artifacts: str, config_file: str | None) -> dict[str, Any]:
     try:
         summary = run_stages(load_config(preset, config_file, point), ORDER, artifacts, set())
     except Exception as exc:  # a failed point is reported; the others still run
-        return _failed(exc)
+        return failed(exc)
     return {"state": "COMPLETED", "metrics": summary["metrics"]}
-
-
-def run_point_process(point: list[str], preset: str, artifacts: str, config_file: str | None,
-                      label: str = "") -> list[dict[str, Any]]:
-    """A local worker process's job: every stage of one point through the cache, no Prefect; returns its metrics.
-    Its log lines start with `[label]`, so that the lines of points running side by side can be told apart."""
-    from stages.environment import configure_environment
-
-    configure_environment()
-    for old in [f for f in log.filters if isinstance(f, _Label)]:
-        log.removeFilter(old)
-    if label:
-        log.addFilter(_Label(label))
-    from pipeline.runner import materialize_all
-
-    materialize_all(load_config(preset, config_file, point), artifacts)
-    atexit.unregister(_exit_without_teardown)
-    atexit.register(_exit_without_teardown)  # registered last, so it runs first, after this job's imports
-    return _metrics(preset, config_file, point, artifacts)
-
-
-class _Label(logging.Filter):
-    def __init__(self, label: str):
-        super().__init__()
-        self.label = label
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = f"[{self.label}] {record.msg}"
-        return True
-
-
-def _exit_without_teardown() -> None:
-    """A worker's exit. Tearing down an interpreter that holds torch and DeepSpeed takes seconds and frees nothing
-    the OS does not; every result is written and returned by the time the pool stops its workers."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(0)
-
-
-def in_worker_processes(
-    points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int,
-    on_done: Callable[[int, dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """The local fan-out: every point in a pool of `workers` processes; per point {state, metrics | error}, each also
-    given to `on_done` as it finishes."""
-    outcomes: list[dict[str, Any]] = [{} for _ in points]
-    # the workers log to the console; only this process is inside a flow run that the API could file their logs under
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_point_process, point, preset, artifacts, config_file, f"{i + 1}/{len(points)}"): i
-                   for i, point in enumerate(points)}
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                outcomes[i] = {"state": "COMPLETED", "metrics": future.result()}
-            except Exception as exc:  # the point's own failure, or its worker process died
-                outcomes[i] = _failed(exc)
-            if on_done is not None:
-                on_done(i, outcomes[i])
-    return outcomes
 
 
 def _on_the_pool(
@@ -258,9 +178,9 @@ def _on_the_pool(
                            "worker": flow_run.labels.get("prefect.worker.name")}
                 if state == "COMPLETED":
                     try:
-                        outcome["metrics"] = _metrics(preset, config_file, points[i], artifacts)
+                        outcome["metrics"] = point_metrics(preset, config_file, points[i], artifacts)
                     except Exception as exc:
-                        outcome.update(_failed(exc))
+                        outcome.update(failed(exc))
                 else:
                     outcome["error"] = f"flow run {flow_run.name}: {state}: {flow_run.state.message or ''}".strip()
                 outcomes[i] = outcome

@@ -132,3 +132,26 @@ def test_busy_tells_whether_another_holder_has_the_entrys_lock(tmp_path):
     with cache.lock(entry):
         assert cache.busy(entry)  # a second descriptor cannot take an flock this one holds
     assert not cache.busy(entry)
+
+
+def test_a_thread_that_holds_a_lock_takes_it_again_and_others_wait_until_the_outermost_release(tmp_path):
+    """exclusive_lock nests in the thread that holds it (a process that claimed a stage builds it under the same
+    lock); any other thread finds it busy until the outermost release."""
+    cache = ArtifactCache(tmp_path)
+    entry = cache.entry("target", "abc")
+    seen = []
+
+    def holder():
+        with cache.lock(entry):
+            with cache.lock(entry):  # without nesting: blocks for good on its own flock
+                seen.append("nested")
+            probe = threading.Thread(target=lambda: seen.append(cache.busy(entry)))
+            probe.start()
+            probe.join()
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert seen == ["nested", True]
+    assert not cache.busy(entry)
+
