@@ -5,6 +5,7 @@ Prefect tasks (pipeline/flows.py) wrap this; scripts and benchmarks can call it 
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import logging
@@ -35,6 +36,13 @@ class StageResult:
     fingerprint: str
     stats: dict[str, Any]
     inputs: dict[str, str]
+
+
+def freeze_heap() -> None:
+    """Collect, then keep every object alive now out of later collections. Stages free each model with gc.collect(),
+    which otherwise walks every object torch and transformers made at import: 0.18 s a call here, against 0.00 s."""
+    gc.collect()
+    gc.freeze()
 
 
 def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = False) -> StageResult:
@@ -72,6 +80,7 @@ def materialize(name: str, cfg: Config, artifacts: str | Path, force: bool = Fal
             for shared in ("eval_cache", "method_cache"):  # results keyed by content, shared by every artifact
                 if shared in params:
                     extra[shared] = cache.shared(shared)
+            freeze_heap()
             manifest = cache.build(entry, lambda tmp: function(cfg, inputs, tmp, **extra), meta)
             storage.publish(artifacts, entry)
             status = "ran"
