@@ -179,3 +179,22 @@ def test_a_stage_runs_with_the_heap_frozen_and_garbage_from_before_collected(tmp
         assert dead() is None
     finally:
         gc.unfreeze()
+
+
+def test_the_heap_is_not_frozen_while_another_stage_of_the_process_runs(tmp_path):
+    """A stage that starts while another runs in this process (the flow's target beside its assistants, in threads)
+    freezes nothing: the other stage's objects would never be collected once it drops them."""
+    import gc
+
+    from pipeline.runner import STAGE_HEAP, materialize
+    from stages.config import load_config
+
+    gc.unfreeze()
+    try:
+        with STAGE_HEAP.stage():  # the other stage, in flight
+            gc.unfreeze()
+            materialize("prepare", load_config("micro"), tmp_path / "artifacts")
+            assert gc.get_freeze_count() == 0
+        assert STAGE_HEAP.running == 0
+    finally:
+        gc.unfreeze()
