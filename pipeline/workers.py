@@ -11,8 +11,10 @@ import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from typing import Any
 
 from pipeline import storage
@@ -91,6 +93,18 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
+@contextmanager
+def main_hidden() -> Iterator[None]:
+    """Processes spawned meanwhile do not import this process's `__main__` again, as spawn does by default: run from
+    the `sunlearn` script that is pipeline.cli and Prefect (1.2 s), and a worker needs only this module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def in_worker_processes(
     points: list[list[str]], preset: str, artifacts: str, config_file: str | None, workers: int,
     on_done: Callable[[int, dict[str, Any]], None] | None = None,
@@ -102,9 +116,10 @@ def in_worker_processes(
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # spawn: a forked copy of a process holding Prefect's threads and torch's pools can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_point_process, point, preset, artifacts, config_file, f"{i + 1}/{len(points)}",
-                               points[i + 1:]): i
-                   for i, point in enumerate(points)}
+        with main_hidden():  # the pool starts its processes as points are submitted
+            futures = {pool.submit(run_point_process, point, preset, artifacts, config_file,
+                                   f"{i + 1}/{len(points)}", points[i + 1:]): i
+                       for i, point in enumerate(points)}
         for future in as_completed(futures):
             i = futures[future]
             try:

@@ -84,3 +84,28 @@ def test_local_workers_compute_each_artifact_once_and_evaluate_the_references_on
     assert all(line.split(" - ", 1)[-1].startswith(("[1/2] ", "[2/2] "))
                for line in log.splitlines() if " evaluated in " in line)
     assert sum(f"({k} of 2 finished, " in log for k in (1, 2)) == 2
+
+
+def test_workers_do_not_import_the_parents_main_module_again(tmp_path):
+    """spawn imports the parent's __main__ again in every child, and the `sunlearn` script's is pipeline.cli, which
+    brings Prefect. Under main_hidden (the pool's start in in_worker_processes) a spawned child has no Prefect; the
+    same pool started without it, the control, has."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import multiprocessing\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import prefect  # as pipeline.cli imports it\n"
+        "from pipeline.workers import main_hidden\n"
+        "PROBE = \"'prefect' in __import__('sys').modules\"\n"
+        "def child_has_prefect(hidden):\n"
+        "    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:\n"
+        "        if not hidden:\n"
+        "            return pool.submit(eval, PROBE).result()\n"
+        "        with main_hidden():\n"
+        "            future = pool.submit(eval, PROBE)\n"
+        "        return future.result()\n"
+        "if __name__ == '__main__':\n"
+        "    print(child_has_prefect(True), child_has_prefect(False))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]
