@@ -13,7 +13,7 @@ from schemas import read_table
 from stages.masks import answer_segments, widen
 
 RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold",
-          "memory_logprobs_vs_model", "memory_lora_vs_full", "sweep_parallel_2_vs_1"}
+          "memory_logprobs_vs_model", "memory_lora_vs_full", "sweep_parallel_2_vs_1", "snapshot_eval_floor"}
 
 
 def test_synthetic_corpus_passes_the_documents_schema(tmp_path):
@@ -80,3 +80,32 @@ def test_snapshot_eval_counts_nan_items_as_equal_and_still_catches_a_changed_val
     assert same_values([0.5, nan], [0.5, nan])  # fact recall of an item without gold words is NaN on both sides
     assert not same_values([0.5, nan], [0.25, nan])
     assert same_values(["Gabriela"], ["Gabriela"]) and not same_values(["Gabriela"], ["Carrasco"])
+
+
+def test_the_evaluation_floor_counts_each_scored_prompt_once_and_the_head_only_where_a_token_is_read():
+    """Work.flops: layers on every token the model must see, the LM head only on scored answers and generated tokens.
+    A model of 10 linear weights, 4 of them the head; 3 prompt + 5 answer scored tokens, 2 + 1 generation tokens."""
+    from bench.bench_eval import Work
+
+    work = Work(scored_prompts=3, scored_answers=5, generation_prompts=2, generated=1)
+    assert work.flops(linear=10, head=4) == 2 * (6 * (3 + 5 + 2 + 1) + 4 * (5 + 1))
+
+
+def test_counted_work_sees_every_scored_and_generated_token_and_restores_the_suites(prepared_micro, trained_micro):
+    """One micro evaluation counted: answers scored, prompts scored once per distinct prompt (fewer than the sequences'
+    prompts), every generation within its budget; the scoring and generation functions are the originals after."""
+    from bench.bench_eval import counted_work
+    from stages import scoring
+    from stages.common import load_documents, load_model, load_tokenizer
+    from stages.config import load_config
+    from stages.evaluate.stage import eval_sets
+
+    cfg = load_config("micro", overrides=["evaluate.max_new_tokens=4"])
+    tokenizer, model = load_tokenizer(prepared_micro), load_model(trained_micro / "target").eval()
+    sets = eval_sets(load_documents(prepared_micro).to_pylist(), cfg)
+    originals = scoring.score_sequences, scoring.greedy_tokens
+    work = counted_work(model, tokenizer, sets)
+    assert (scoring.score_sequences, scoring.greedy_tokens) == originals
+    rows = sum(len(s.rows) for s in sets.values())
+    assert work.scored_answers > work.scored_prompts > 0
+    assert rows <= work.generated <= 4 * rows and work.generation_prompts > rows
