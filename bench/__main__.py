@@ -15,8 +15,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from bench.report import Result, machine, main_table, write_results  # noqa: E402
 from stages.config import TargetConfig  # noqa: E402
 
-BENCHES = ("scoring", "masks", "step", "eval", "memory", "cache", "sweep_parallel", "scaling", "footprint",
-           "profile")
+BENCHES = ("scoring", "masks", "step", "eval", "memory", "cache", "sweep_parallel", "sweep_points", "scaling",
+           "footprint", "profile")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -35,6 +35,7 @@ class Sizes:
     big_step_model: TargetConfig | None  # unlearn_vs_bare at a second, larger size
     sweep_points: int = 4  # sweep_parallel's grid points
     sweep_pairs: int = 3  # sweep_parallel's (1 worker, 2 workers) pairs, alternated; the median ratio counts
+    points_preset: str = "embedded"  # sweep_points: points that train and evaluate a real model, upstream cached
 
 
 FULL = Sizes((1_000_000, 10_000_000), (100_000, 1_000_000, 10_000_000), 50_000, 1_000_000, 40, TargetConfig(),
@@ -47,7 +48,7 @@ QUICK = Sizes((10_000, 30_000), (10_000, 30_000), 2_000, 10_000, 3,
               TargetConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
               ("data.n_authors=4", "target.epochs=1", "unlearn.methods=su,graddiff", "evaluate.max_new_tokens=2",
                "evaluate.retain_eval_items=4"), "micro", ("evaluate.max_new_tokens=4",), None, sweep_points=2,
-              sweep_pairs=1)
+              sweep_pairs=1, points_preset="micro")
 
 
 def run_bench(name: str, sizes: Sizes, runs, overrides: tuple[str, ...] = (), artifacts: str | None = None) -> Result:
@@ -79,6 +80,11 @@ def run_bench(name: str, sizes: Sizes, runs, overrides: tuple[str, ...] = (), ar
         from bench import sweep_parallel
 
         return sweep_parallel.run("micro", list(sizes.cache_overrides), sizes.sweep_points, sizes.sweep_pairs)
+    if name == "sweep_points":
+        from bench import sweep_parallel
+
+        overrides = list(sizes.cache_overrides) if sizes.points_preset == "micro" else []
+        return sweep_parallel.run(sizes.points_preset, overrides, sizes.sweep_points, 1, upstream_cached=True)
     if name == "scaling":
         from bench import scaling
 

@@ -13,7 +13,8 @@ from schemas import read_table
 from stages.masks import answer_segments, widen
 
 RATIOS = {"scoring_vs_llm", "scoring_vs_raw_kenlm", "masks_vs_python_10m", "su_vs_graddiff_step", "rerun_vs_cold",
-          "memory_logprobs_vs_model", "memory_lora_vs_full", "sweep_parallel_2_vs_1", "snapshot_eval_floor"}
+          "memory_logprobs_vs_model", "memory_lora_vs_full", "sweep_parallel_2_vs_1", "snapshot_eval_floor",
+          "sweep_points_2_vs_1"}
 
 
 def test_synthetic_corpus_passes_the_documents_schema(tmp_path):
@@ -68,7 +69,7 @@ def test_quick_bench_writes_every_ratio(tmp_path):
     assert RATIOS <= set(results["ratios"])
     assert all(v > 0 for v in results["ratios"].values())
     assert results["benches"]["masks"]["identical"]
-    assert results["benches"]["sweep_parallel"]["tables_equal"]
+    assert results["benches"]["sweep_parallel"]["tables_equal"] and results["benches"]["sweep_points"]["tables_equal"]
     assert results["quick"] and results["machine"]["cores"] >= 1
     assert "| benchmark |" in results["table"]
 
