@@ -1,8 +1,9 @@
 """Sweep fan-out: wall time of a 4-point micro sweep in 2 local worker processes against 1, in one run
 (`sweep_parallel`); `sweep_points` times the same on the embedded preset with the shared upstream already built.
 
-Both runs go through the same path (`pipeline.workers.in_worker_processes`) on fresh, empty artifact roots, so the
-shared upstream (prepare, target, assistants, scores) is computed once in each and the process start-up is in both.
+Both runs go through the same path (`pipeline.workers.in_worker_processes`) on fresh artifact roots, so the shared
+upstream (prepare, target, assistants, scores) is computed once in each (for `sweep_points`, before the clock) and
+the process start-up is in both.
 The two tables must be equal: the fan-out changes when points run, never what they compute.
 """
 
